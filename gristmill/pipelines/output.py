@@ -45,6 +45,23 @@ CITATIONS: dict[str, str] = {
     "sentence embeddings",
     "kmeans": "Yu et al., 2024. Diversify and Conquer: Diversity-Centric Data Selection with "
     "Iterative Refinement (kMQ). arXiv:2409.11378",
+    "rejection": "Yuan et al., 2023. Scaling Relationship on Learning Mathematical Reasoning "
+    "with Large Language Models (RFT). arXiv:2308.01825",
+    "dart": "Tong et al., 2024. DART-Math: Difficulty-Aware Rejection Tuning for Mathematical "
+    "Problem-Solving. arXiv:2407.13690",
+    "hint_infer": "Li et al., 2025. START: Self-taught Reasoner with Tools. arXiv:2503.04625",
+    "clear": "Chen and Mueller, 2024. Automated Data Curation for Robust Language Model "
+    "Fine-Tuning (CLEAR). arXiv:2403.12776; Chen and Mueller, 2023. Quantifying Uncertainty "
+    "in Answers from any Language Model (BSDetector). arXiv:2308.16175",
+    "grape": "Zhang et al., 2025. The Best Instruction-Tuning Data are Those That Fit "
+    "(GRAPE). arXiv:2502.04194",
+    "s2l": "Yang et al., 2024. SmallToLarge (S2L): Scalable Data Selection for Fine-tuning "
+    "Large Language Models by Summarizing Training Trajectories of Small Models. "
+    "arXiv:2403.07384",
+    "minhash_dedup": "Lee et al., 2022. Deduplicating Training Data Makes Language Models "
+    "Better. arXiv:2107.06499",
+    "decontam": "Brown et al., 2020. Language Models are Few-Shot Learners (13-gram overlap "
+    "decontamination). arXiv:2005.14165",
 }
 
 VERSIONED_PACKAGES = (

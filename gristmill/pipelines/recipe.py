@@ -57,11 +57,64 @@ def stage_class(name: str) -> type[Stage]:
             from gristmill.selectors.baselines import TopKSelect
 
             return TopKSelect
+        case "rejection":
+            from gristmill.synth.rejection import RejectionSample
+
+            return RejectionSample
+        case "dart":
+            from gristmill.synth.dart import Dart
+
+            return Dart
+        case "hint_infer":
+            from gristmill.synth.hint_infer import HintInfer
+
+            return HintInfer
+        case "exact_dedup":
+            from gristmill.filters.dedup import ExactDedup
+
+            return ExactDedup
+        case "minhash_dedup":
+            from gristmill.filters.dedup import MinHashDedup
+
+            return MinHashDedup
+        case "decontam":
+            from gristmill.filters.decontam import Decontam
+
+            return Decontam
+        case "clear":
+            from gristmill.filters.clear import Clear
+
+            return Clear
+        case "grape":
+            from gristmill.selectors.grape import GrapeSelect
+
+            return GrapeSelect
+        case "s2l":
+            from gristmill.selectors.s2l import S2LSelect
+
+            return S2LSelect
         case _:
             raise RecipeError(f"unknown stage {name!r}; known: {', '.join(STAGE_NAMES)}")
 
 
-STAGE_NAMES = ("magpie", "heuristics", "embed", "semantic_dedup", "kmeans", "random", "topk")
+STAGE_NAMES = (
+    "magpie",
+    "rejection",
+    "dart",
+    "hint_infer",
+    "heuristics",
+    "embed",
+    "semantic_dedup",
+    "exact_dedup",
+    "minhash_dedup",
+    "decontam",
+    "clear",
+    "kmeans",
+    "grape",
+    "s2l",
+    "random",
+    "topk",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
