@@ -1,18 +1,33 @@
-"""The `semantic_dedup` stage: drop rows whose embedding nearly equals an earlier kept row.
+"""Dedup stages: exact (normalised text), near-duplicate (MinHash LSH), semantic (embeddings).
 
-After Magpie (Xu et al. 2024, `exp/gen_dis.py` in magpie-align/magpie). Distances are
-squared Euclidean distances between unit vectors, `d = |a - b|^2 = 2 - 2 cos(a, b)`,
-which is the number Magpie's FAISS `IndexFlatL2` search returns; its default threshold of
-0.05 (cosine above 0.975) is ours too. Per row the stage writes
+All three are GlobalStages that decide rows greedily in input order (smallest ROW_COLUMN
+first) and compare a row only with rows already KEPT: a row is dropped iff an earlier kept
+row is its duplicate, and `duplicate_of` names that row's id. Connected components (or
+Magpie's "no earlier neighbour at all") would let a chain A~B~C drop C although C is far
+from A, the only survivor; the greedy pass keeps C, so every dropped row has a kept twin.
+For exact dedup, equality is transitive and both rules agree.
+
+`exact_dedup` (drop reason `exact_duplicate`) compares the chosen fields after
+normalisation (NFKC, lowercase, whitespace collapsed; punctuation stripping optional).
+
+`minhash_dedup` (drop reason `near_duplicate`, column `duplicate_jaccard`) estimates the
+Jaccard similarity of shingle sets (Broder 1997) with datasketch's MinHash permutations
+("affine32" scheme) and finds candidates with datasketch's `MinHashLSH`; a candidate counts
+only if its estimated Jaccard (share of equal MinHash values) is at least the threshold,
+which cuts the LSH's false positives. Shingles are word (or character) n-grams of each
+field; a text shorter than n tokens is one shingle; rows with no tokens at all are left to
+`exact_dedup`. Shingle hashing is vectorised with numpy (a stable per-word hash, combined
+over the window) and gives the same signatures as `datasketch.MinHash.update_batch` fed
+the same 32-bit shingle hashes.
+
+`semantic_dedup` after Magpie (Xu et al. 2024, `exp/gen_dis.py` in magpie-align/magpie).
+Distances are squared Euclidean distances between unit vectors, `d = |a - b|^2 = 2 - 2
+cos(a, b)`, which is the number Magpie's FAISS `IndexFlatL2` search returns; its default
+threshold of 0.05 (cosine above 0.975) is ours too. Per row the stage writes
 
 - `min_neighbor_distance`: distance to the nearest other row (null for a single row);
 - `repeat_count`: how many other rows lie strictly within the threshold;
 - `duplicate_of`: id of the earliest kept row within the threshold, for dropped rows.
-
-A row is dropped as `near_duplicate` iff an earlier row that was itself KEPT lies within
-the threshold, deciding rows greedily in input order. Connected components (or Magpie's
-"no earlier neighbour at all") would let chains A~B~C drop C although C is far from A,
-the only survivor; the greedy pass keeps C, so every dropped row has a kept near twin.
 
 Where we differ from Magpie: the search is an exact FAISS range search, so `repeat_count`
 counts every neighbour (Magpie inspects only the 500 nearest); Magpie keeps a row only if
@@ -23,8 +38,11 @@ The search is exact and brute force, O(n^2 d): fine to a few hundred thousand ro
 
 from __future__ import annotations
 
+import hashlib
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import faiss
 import numpy as np
@@ -163,3 +181,456 @@ class SemanticDedup(GlobalStage):
             }
         )
         return out.lazy()
+
+
+# --------------------------------------------------------------------------------------------
+# Texts, tokens and n-gram hashes (shared by exact/MinHash dedup and decontamination)
+# --------------------------------------------------------------------------------------------
+
+#: How a text is cut into tokens for n-grams: words (`\w+` runs) or characters.
+TokenUnit = Literal["word", "char"]
+
+#: Polars regex of a word: a run of Unicode letters, digits and underscores.
+WORD_PATTERN = r"\w+"
+
+
+def field_expr(field: str) -> pl.Expr:
+    """A record text field as a String expression; `conversation` joins every turn of
+    `messages` as "role: content" blocks (as filters.embed.conversation_text does)."""
+    check_text_field(field, where="field_expr")
+    if field != "conversation":
+        return pl.col(field).cast(pl.String)
+    turn = pl.concat_str(
+        pl.element().struct.field("role"), pl.lit(": "), pl.element().struct.field("content")
+    )
+    return pl.col("messages").list.eval(turn).list.join("\n\n")
+
+
+def normalize_expr(
+    text: pl.Expr,
+    *,
+    nfkc: bool = True,
+    lowercase: bool = True,
+    strip_punctuation: bool = False,
+    collapse_whitespace: bool = True,
+) -> pl.Expr:
+    """Normalise a String expression: Unicode NFKC, lowercase, drop punctuation (Unicode
+    category P), collapse whitespace runs to one space and trim; nulls stay null."""
+    if nfkc:
+        text = text.str.normalize("NFKC")
+    if lowercase:
+        text = text.str.to_lowercase()
+    if strip_punctuation:
+        text = text.str.replace_all(r"\p{P}+", "")
+    if collapse_whitespace:
+        text = text.str.replace_all(r"\s+", " ").str.strip_chars()
+    return text
+
+
+def text_tokens(texts: pl.Series, unit: TokenUnit = "word") -> pl.Series:
+    """Each text's tokens (a list of strings) after NFKC and lowercasing: `word` keeps runs
+    of letters/digits/underscore and drops punctuation (`don't` -> don, t; `3.5` -> 3, 5);
+    `char` keeps every character with whitespace runs collapsed to one space. Null -> []."""
+    norm = texts.cast(pl.String).fill_null("").str.normalize("NFKC").str.to_lowercase()
+    if unit == "word":
+        return norm.str.extract_all(WORD_PATTERN)
+    return norm.str.replace_all(r"\s+", " ").str.strip_chars().str.split("")
+
+
+@dataclass(frozen=True)
+class TokenHashes:
+    """Tokens of many texts as one flat array of stable 64-bit hashes, text after text."""
+
+    values: np.ndarray  # uint64, one per token
+    lengths: np.ndarray  # int64, tokens per text
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Index of each text's first token in `values`."""
+        return np.concatenate(([0], np.cumsum(self.lengths)[:-1])).astype(np.int64)
+
+
+def _token_hash(token: str) -> int:
+    return int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def token_hashes(tokens: pl.Series) -> TokenHashes:
+    """Hash every token (blake2b, stable across processes and platforms) of a list Series."""
+    lengths = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = tokens.explode().drop_nulls()
+    if flat.len() == 0:
+        return TokenHashes(np.zeros(0, dtype=np.uint64), lengths)
+    vocab = flat.unique(maintain_order=True)
+    codes = flat.cast(pl.Enum(vocab)).to_physical().to_numpy()
+    table = np.fromiter((_token_hash(t) for t in vocab), dtype=np.uint64, count=vocab.len())
+    return TokenHashes(table[codes], lengths)
+
+
+#: Odd 64-bit multipliers, one per window position: a window's hash is sum(h_j * M_j) mod 2^64.
+_WINDOW_MULTIPLIERS = np.array(
+    [(pow(0x9E3779B97F4A7C15, j + 1, 1 << 64) | 1) for j in range(256)], dtype=np.uint64
+)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Token windows (n-grams) of many texts, in text order then position order."""
+
+    hashes: np.ndarray  # uint64 hash of the window's tokens
+    text: np.ndarray  # int64 index of the text the window lies in
+    start: np.ndarray  # int64 first token of the window, within its text
+    size: np.ndarray  # int64 tokens in the window
+
+
+def ngram_windows(
+    tokens: TokenHashes, sizes: Iterable[int], *, whole_texts_from: int | None = None
+) -> Windows:
+    """Every window of each size in `sizes` that lies inside one text, with its hash.
+
+    With `whole_texts_from=m`, a text of at least m but fewer than max(sizes) tokens also
+    counts as one window of its own length (a short text is one n-gram). Equal token
+    sequences get equal hashes in every process; different ones collide with odds 2^-64.
+    """
+    wanted = sorted(set(sizes))
+    if not wanted or wanted[0] < 1 or wanted[-1] > len(_WINDOW_MULTIPLIERS):
+        raise ValueError(f"window sizes must be in [1, {len(_WINDOW_MULTIPLIERS)}], got {wanted}")
+    values, lengths = tokens.values, tokens.lengths
+    n_tokens = len(values)
+    text_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    offsets = tokens.offsets
+    position = np.arange(n_tokens, dtype=np.int64) - offsets[text_of]
+    room = lengths[text_of] - position  # tokens from here to the end of the text
+    acc = np.zeros(n_tokens, dtype=np.uint64)
+    parts: list[tuple[np.ndarray, np.ndarray, int]] = []  # (flat starts, hashes, size)
+    for j in range(wanted[-1]):
+        contrib = values[j:] * _WINDOW_MULTIPLIERS[j]
+        acc[: n_tokens - j] += np.where(room[: n_tokens - j] > j, contrib, np.uint64(0))
+        size = j + 1
+        if size in wanted:
+            at = np.flatnonzero(room >= size)
+        elif whole_texts_from is not None and size >= whole_texts_from:
+            at = offsets[lengths == size]
+        else:
+            continue
+        parts.append((at, acc[at].copy(), size))
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return Windows(np.zeros(0, dtype=np.uint64), empty, empty, empty)
+    flat = np.concatenate([p[0] for p in parts])
+    hashes = np.concatenate([p[1] for p in parts])
+    size_of = np.concatenate([np.full(len(p[0]), p[2], dtype=np.int64) for p in parts])
+    order = np.lexsort((size_of, flat))
+    flat, hashes, size_of = flat[order], hashes[order], size_of[order]
+    return Windows(hashes, text_of[flat], position[flat], size_of)
+
+
+def _check_fields(fields: tuple[str, ...], *, where: str) -> tuple[str, ...]:
+    fields = tuple(fields)
+    if not fields:
+        raise ValueError(f"{where}: fields must name at least one text field")
+    for f in fields:
+        check_text_field(f, where=where)
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"{where}: fields has repeats: {list(fields)}")
+    return fields
+
+
+def _in_row_order(data: pl.LazyFrame) -> pl.DataFrame:
+    frame = data.collect()
+    return frame.sort(ROW_COLUMN) if ROW_COLUMN in frame.columns else frame
+
+
+def _required_columns(fields: tuple[str, ...]) -> tuple[str, ...]:
+    return ("id", *dict.fromkeys(field_source_column(f) for f in fields))
+
+
+def _cluster_stats(duplicate_of: np.ndarray) -> dict[str, int]:
+    """Duplicates, clusters (kept rows with at least one duplicate) and the largest cluster."""
+    twins = duplicate_of[duplicate_of >= 0]
+    if not len(twins):
+        return {"duplicates": 0, "clusters": 0, "largest_cluster": 1 if len(duplicate_of) else 0}
+    sizes = np.unique(twins, return_counts=True)[1] + 1
+    return {"duplicates": len(twins), "clusters": len(sizes), "largest_cluster": int(sizes.max())}
+
+
+def _with_duplicates(
+    frame: pl.DataFrame, duplicate_of: np.ndarray, reason: str, *extra: pl.Series
+) -> pl.DataFrame:
+    """`frame` plus `duplicate_of` (the kept twin's id) and `drop_reason` on duplicates."""
+    twin = pl.Series(duplicate_of)
+    ids = frame.get_column("id").gather(twin.clip(lower_bound=0))
+    return frame.with_columns(
+        pl.when(twin >= 0).then(ids).otherwise(None).cast(pl.String).alias("duplicate_of"),
+        *extra,
+        pl.when(twin >= 0).then(pl.lit(reason)).otherwise(None).cast(pl.String).alias(DROP_REASON),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# exact_dedup
+# --------------------------------------------------------------------------------------------
+
+#: What dedup compares by default: the whole single-turn record. `fields: [prompt]` dedups
+#: instructions as Magpie does, but also drops the other candidates of a prompt (rows that
+#: share a `parent_id`), which GRAPE, DART and CLEAR need: put it before those stages only.
+DEFAULT_DEDUP_FIELDS: tuple[TextField, ...] = ("prompt", "response")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExactDedupConfig(StageConfig):
+    """Which fields must match, after which normalisation."""
+
+    #: Texts that must all be equal: "prompt", "response", "conversation" (every turn).
+    #: A null text equals only another null.
+    fields: tuple[TextField, ...] = DEFAULT_DEDUP_FIELDS
+    #: Unicode NFKC (full-width letters, ligatures, non-breaking spaces -> plain forms).
+    nfkc: bool = True
+    lowercase: bool = True
+    #: Collapse whitespace runs to one space and trim the ends.
+    collapse_whitespace: bool = True
+    #: Drop punctuation (Unicode category P); off by default: `x-1` and `x1` differ in math.
+    strip_punctuation: bool = False
+
+    def __post_init__(self) -> None:
+        fields = _check_fields(self.fields, where="exact_dedup config")
+        object.__setattr__(self, "fields", fields)
+
+
+class ExactDedup(GlobalStage):
+    """Drops rows whose normalised fields equal an earlier row's, keeping the earliest."""
+
+    name: ClassVar[str] = "exact_dedup"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = ExactDedupConfig
+    config: ExactDedupConfig
+
+    def requires(self) -> tuple[str, ...]:
+        return _required_columns(self.config.fields)
+
+    def produces(self) -> tuple[str, ...]:
+        return ("duplicate_of",)
+
+    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+        """Every row, with `duplicate_of`; later copies get drop reason `exact_duplicate`."""
+        cfg = self.config
+        frame = _in_row_order(data)
+        keys = frame.select(
+            normalize_expr(
+                field_expr(f),
+                nfkc=cfg.nfkc,
+                lowercase=cfg.lowercase,
+                strip_punctuation=cfg.strip_punctuation,
+                collapse_whitespace=cfg.collapse_whitespace,
+            ).alias(f"key{i}")
+            for i, f in enumerate(cfg.fields)
+        ).with_row_index("row")
+        first = keys.select(pl.col("row").first().over([f"key{i}" for i in range(len(cfg.fields))]))
+        first_row = first.get_column("row").to_numpy().astype(np.int64)
+        rows = np.arange(frame.height, dtype=np.int64)
+        duplicate_of = np.where(first_row < rows, first_row, -1)
+        ctx.extra_stats.update(
+            {"rows": frame.height, "fields": list(cfg.fields), **_cluster_stats(duplicate_of)}
+        )
+        return _with_duplicates(frame, duplicate_of, "exact_duplicate").lazy()
+
+
+# --------------------------------------------------------------------------------------------
+# minhash_dedup
+# --------------------------------------------------------------------------------------------
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (the pre-mix of datasketch's "affine32" scheme)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _field_salts(count: int) -> np.ndarray:
+    """A fixed 32-bit tag per field, so a prompt shingle never equals a response shingle."""
+    return np.array([_token_hash(f"\x00field{i}") & 0xFFFFFFFF for i in range(count)], np.uint32)
+
+
+@dataclass(frozen=True)
+class Shingles:
+    """32-bit shingle hashes of many rows, row after row (what MinHash.update_batch takes)."""
+
+    hashes: np.ndarray  # uint32
+    row: np.ndarray  # int64, non-decreasing
+
+
+def row_shingles(
+    frame: pl.DataFrame, fields: tuple[str, ...], *, ngram: int, unit: TokenUnit
+) -> Shingles:
+    """Every row's shingles: token n-grams of each field (a shorter text is one shingle),
+    tagged by field, hashed to 32 bits."""
+    texts = frame.select(pl.concat_list([field_expr(f) for f in fields]).alias("t")).get_column("t")
+    tokens = token_hashes(text_tokens(texts.explode(), unit))
+    windows = ngram_windows(tokens, [ngram], whole_texts_from=1)
+    n_fields = len(fields)
+    salts = _field_salts(n_fields)[windows.text % n_fields]
+    hashes = (windows.hashes >> np.uint64(32)).astype(np.uint32) ^ salts
+    return Shingles(hashes, windows.text // n_fields)
+
+
+def minhash_signatures(
+    shingles: Shingles, n_rows: int, *, num_perm: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_rows, num_perm) uint32 MinHash signatures and a mask of rows with no shingles.
+
+    Same values as datasketch `MinHash(num_perm, seed)` (scheme "affine32") updated with
+    each row's shingle hashes; computed one permutation at a time over all rows at once.
+    """
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed).permutations
+    a, b = a.astype(np.uint32), b.astype(np.uint32)
+    signatures = np.full((n_rows, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    counts = np.bincount(shingles.row, minlength=n_rows)
+    present = np.flatnonzero(counts)
+    if len(present):
+        starts = np.concatenate(([0], np.cumsum(counts[present])[:-1]))
+        mixed = _fmix32(shingles.hashes)
+        columns = np.empty((num_perm, len(present)), dtype=np.uint32)
+        for k in range(num_perm):
+            columns[k] = np.minimum.reduceat(mixed * a[k] + b[k], starts)
+        signatures[present] = columns.T
+    return signatures, counts == 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MinHashDedupConfig(StageConfig):
+    """Shingles, MinHash size and the Jaccard threshold of a near duplicate."""
+
+    #: Texts whose shingles form a row's set (each field's n-grams kept apart).
+    fields: tuple[TextField, ...] = DEFAULT_DEDUP_FIELDS
+    #: `word`: n-grams of `\w+` words (punctuation dropped); `char`: of characters.
+    unit: TokenUnit = "word"
+    #: Tokens per shingle (a text with fewer tokens is one shingle).
+    ngram: int = 5
+    #: MinHash permutations: the Jaccard estimate's standard error is ~ sqrt(J(1-J)/num_perm).
+    num_perm: int = 128
+    #: Estimated Jaccard similarity at or above which a row duplicates a kept row.
+    threshold: float = 0.8
+    #: Seed of the MinHash permutations (datasketch's default is 1).
+    seed: int = 1
+    #: Rows hashed per numpy pass; bounds memory, does not change the output.
+    batch_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        where = "minhash_dedup config"
+        object.__setattr__(self, "fields", _check_fields(self.fields, where=where))
+        if self.unit not in ("word", "char"):
+            raise ValueError(f"{where}: unit must be 'word' or 'char', got {self.unit!r}")
+        if not 1 <= self.ngram <= len(_WINDOW_MULTIPLIERS):
+            raise ValueError(
+                f"{where}: ngram must be in [1, {len(_WINDOW_MULTIPLIERS)}], got {self.ngram}"
+            )
+        if self.num_perm < 2:
+            raise ValueError(f"{where}: num_perm must be >= 2, got {self.num_perm}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"{where}: threshold must be in (0, 1], got {self.threshold}")
+        if self.batch_size < 1:
+            raise ValueError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class NearDuplicates:
+    """Result of the greedy LSH pass (arrays in input order)."""
+
+    duplicate_of: np.ndarray  # int64 row index of the kept twin, -1 if kept
+    jaccard: np.ndarray  # float64 estimated Jaccard with that twin, NaN if kept
+    candidates: int  # LSH candidate pairs checked
+    rejected_candidates: int  # of them, below the threshold (LSH false positives)
+    bands: int
+    rows_per_band: int
+
+
+def greedy_near_duplicates(
+    signatures: np.ndarray, empty: np.ndarray, *, threshold: float, seed: int
+) -> NearDuplicates:
+    """Walk rows in order; a row duplicates the earliest KEPT row that LSH proposes and
+    whose estimated Jaccard is >= threshold; kept rows enter the index, duplicates do not."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    n, num_perm = signatures.shape
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    need = threshold * num_perm - 1e-9  # equal values needed, without float surprises
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    jaccard = np.full(n, np.nan)
+    checked = rejected = 0
+    for row in range(n):
+        if empty[row]:
+            continue
+        sketch = LeanMinHash(seed=seed, hashvalues=signatures[row], scheme="affine32")
+        found = lsh.query(sketch)
+        if found:
+            cands = np.fromiter(found, dtype=np.int64, count=len(found))
+            equal = np.count_nonzero(signatures[cands] == signatures[row], axis=1)
+            ok = equal >= need
+            checked += len(cands)
+            rejected += int((~ok).sum())
+            if ok.any():
+                twin = int(cands[ok].min())
+                duplicate_of[row] = twin
+                jaccard[row] = float(equal[cands == twin][0]) / num_perm
+                continue
+        lsh.insert(row, sketch)
+    return NearDuplicates(duplicate_of, jaccard, checked, rejected, lsh.b, lsh.r)
+
+
+class MinHashDedup(GlobalStage):
+    """Drops MinHash near duplicates (estimated Jaccard of shingle sets), keeping the earliest."""
+
+    name: ClassVar[str] = "minhash_dedup"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = MinHashDedupConfig
+    unhashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    config: MinHashDedupConfig
+
+    def requires(self) -> tuple[str, ...]:
+        return _required_columns(self.config.fields)
+
+    def produces(self) -> tuple[str, ...]:
+        return ("duplicate_of", "duplicate_jaccard")
+
+    def signatures(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """MinHash signatures of every row of `frame` and the mask of rows without tokens."""
+        cfg = self.config
+        sigs, empties = [], []
+        for start in range(0, max(frame.height, 1), cfg.batch_size):
+            chunk = frame.slice(start, cfg.batch_size)
+            shingles = row_shingles(chunk, cfg.fields, ngram=cfg.ngram, unit=cfg.unit)
+            sig, empty = minhash_signatures(
+                shingles, chunk.height, num_perm=cfg.num_perm, seed=cfg.seed
+            )
+            sigs.append(sig)
+            empties.append(empty)
+        return np.concatenate(sigs), np.concatenate(empties)
+
+    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+        """Every row, with `duplicate_of`/`duplicate_jaccard`; near duplicates get a reason."""
+        cfg = self.config
+        frame = _in_row_order(data)
+        start = time.perf_counter()
+        signatures, empty = self.signatures(frame)
+        hashed = time.perf_counter()
+        near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold, seed=cfg.seed)
+        ctx.extra_stats.update(
+            {
+                "rows": frame.height,
+                "rows_without_tokens": int(empty.sum()),
+                "threshold": cfg.threshold,
+                "lsh_bands": near.bands,
+                "lsh_rows_per_band": near.rows_per_band,
+                "candidate_pairs": near.candidates,
+                "candidates_below_threshold": near.rejected_candidates,
+                "minhash_seconds": round(hashed - start, 3),
+                "lsh_seconds": round(time.perf_counter() - hashed, 3),
+                **_cluster_stats(near.duplicate_of),
+            }
+        )
+        similarity = pl.Series("duplicate_jaccard", near.jaccard, dtype=pl.Float64).fill_nan(None)
+        return _with_duplicates(frame, near.duplicate_of, "near_duplicate", similarity).lazy()
