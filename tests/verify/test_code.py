@@ -1,0 +1,123 @@
+"""CodeVerifier on real HumanEval problems, run in the real sandbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gristmill.verify import get_verifier
+from gristmill.verify.code import (
+    CodeVerifier,
+    extract_code,
+    humaneval_program,
+    humaneval_reference,
+    split_reference,
+)
+
+DATA = Path(__file__).parent.parent / "data" / "humaneval_10.jsonl"
+PROBLEMS: list[dict[str, Any]] = [json.loads(line) for line in DATA.read_text().splitlines()]
+VERIFIER = CodeVerifier(timeout_s=5)
+
+
+def _reference(problem: dict[str, Any], *, with_prompt: bool = True) -> str:
+    prompt = problem["prompt"] if with_prompt else None
+    return humaneval_reference(problem["test"], problem["entry_point"], prompt)
+
+
+def test_every_canonical_solution_passes() -> None:
+    # The canonical solutions are bodies that continue the prompt's signature.
+    responses = [f"```python\n{p['canonical_solution']}```" for p in PROBLEMS]
+    verdicts = VERIFIER.verify_many(responses, [_reference(p) for p in PROBLEMS])
+    assert [v.reason for v in verdicts] == ["passed"] * len(PROBLEMS)
+    assert all(v.correct for v in verdicts)
+    assert verdicts[2].extracted == PROBLEMS[2]["canonical_solution"].rstrip()
+
+
+def test_complete_solution_passes_without_a_prompt_aware_reference() -> None:
+    problem = PROBLEMS[0]
+    solution = problem["prompt"] + problem["canonical_solution"]
+    response = f"Here is my solution:\n\n```python\n{solution}```\nIt compares all pairs."
+    verdict = VERIFIER(response, _reference(problem, with_prompt=False))
+    assert (verdict.correct, verdict.reason) == (True, "passed")
+    # The same complete solution also works when the reference carries the prompt.
+    assert VERIFIER(response, _reference(problem)).reason == "passed"
+
+
+def test_unfenced_body_continues_the_prompt() -> None:
+    problem = PROBLEMS[2]  # truncate_number: "    return number % 1.0\n"
+    verdict = VERIFIER(problem["canonical_solution"], _reference(problem))
+    assert verdict.reason == "passed"
+
+
+def test_wrong_solution_fails() -> None:
+    problem = PROBLEMS[0]
+    verdict = VERIFIER("```python\n    return False\n```", _reference(problem))
+    assert (verdict.correct, verdict.reason) == (False, "failed")
+    assert verdict.extracted == "    return False"
+
+
+def test_crashing_solution_is_an_error() -> None:
+    problem = PROBLEMS[2]
+    verdict = VERIFIER("```python\n    return number.nope\n```", _reference(problem))
+    assert (verdict.correct, verdict.reason) == (False, "error")
+    syntax = VERIFIER("```python\n    return (\n```", _reference(problem))
+    assert syntax.reason == "error"
+
+
+def test_infinite_loop_times_out() -> None:
+    problem = PROBLEMS[2]
+    verifier = CodeVerifier(timeout_s=1.5)
+    verdict = verifier("```python\n    while True:\n        pass\n```", _reference(problem))
+    assert (verdict.correct, verdict.reason) == (False, "timeout")
+
+
+def test_exiting_before_the_tests_does_not_pass() -> None:
+    problem = PROBLEMS[2]
+    cheat = "```python\n    return 0\n\nimport sys\nsys.exit(0)\n```"
+    verdict = VERIFIER(cheat, _reference(problem))
+    assert (verdict.correct, verdict.reason) == (False, "error")
+
+
+def test_no_code() -> None:
+    assert VERIFIER("", _reference(PROBLEMS[0])).reason == "no_code"
+    assert VERIFIER("```bash\nls\n```", _reference(PROBLEMS[0])).reason == "no_code"
+    assert VERIFIER("   \n\n", _reference(PROBLEMS[0])).extracted is None
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("```python\nx = 1\n```\ntext\n```python\nx = 2\n```", "x = 2"),
+        ("```\nplain = 1\n```\n```bash\nls\n```", "plain = 1"),
+        ("```py\n\n    body = 1\n\n```", "    body = 1"),
+        ("intro\n```python\nunterminated = 1\n", "unterminated = 1"),
+        ("\n\n    return x  \n\n", "    return x"),
+    ],
+)
+def test_extract_code(response: str, expected: str) -> None:
+    assert extract_code(response) == expected
+
+
+def test_reference_helpers() -> None:
+    problem = PROBLEMS[0]
+    plain = humaneval_reference(problem["test"], problem["entry_point"])
+    assert plain.endswith("\ncheck(has_close_elements)\n")
+    assert split_reference(plain) == (None, plain)
+    prompt, tests = split_reference(_reference(problem))
+    assert prompt == problem["prompt"] and tests == plain
+    with pytest.raises(ValueError, match="identifier"):
+        humaneval_reference(problem["test"], "not valid")
+    body = humaneval_program("def f():\n", "    # comment\n    return 1\n")
+    assert body == "def f():\n    # comment\n    return 1\n"
+    full = humaneval_program("def f():\n", "# mine\ndef f():\n    return 1\n")
+    assert full.startswith("def f():\n\n\n# mine\n")
+
+
+def test_registered_as_the_code_verifier() -> None:
+    verifier = get_verifier("code", timeout_s=3)
+    assert isinstance(verifier, CodeVerifier) and verifier.limits.cpu_s == 3
+    problem = PROBLEMS[7]
+    assert verifier(problem["canonical_solution"], _reference(problem)).correct
