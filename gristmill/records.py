@@ -235,7 +235,7 @@ _SUFFIXES: tuple[tuple[str, InputFormat], ...] = (
     (".parquet", "parquet"),
 )
 
-_MISSING: Final = object()
+MISSING: Final = object()
 
 
 def infer_format(path: str | Path) -> InputFormat:
@@ -254,7 +254,7 @@ def infer_format(path: str | Path) -> InputFormat:
     )
 
 
-def _default_source(path: str | Path) -> str:
+def default_source(path: str | Path) -> str:
     """The file (or dataset) name without its format suffixes: `gsm8k.jsonl.gz` -> `gsm8k`."""
     name = Path(path).name
     for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".parquet"):
@@ -287,11 +287,11 @@ class _Input:
         return None if self.lines is not None else i
 
     def values(self, column: str) -> list[Any]:
-        """A column as Python values; `_MISSING` where a JSON row lacks the key."""
+        """A column as Python values; `MISSING` where a JSON row lacks the key."""
         if self.table is not None:
             return list(self.table.column(column).to_pylist())
         assert self.rows is not None
-        return [r.get(column, _MISSING) for r in self.rows]
+        return [r.get(column, MISSING) for r in self.rows]
 
 
 def _read_bytes(path: Path, where: str) -> bytes:
@@ -400,7 +400,9 @@ def _load_hf(name: str, where: str, split: str) -> _Input:
     )
 
 
-def _load(path: str | Path, fmt: str, split: str) -> _Input:
+def load_rows(path: str | Path, fmt: str, split: str) -> _Input:
+    """Raw rows of a jsonl/json/parquet file or an HF dataset, with line/row positions for
+    error messages (no mapping, no validation: `read_records` builds records from this)."""
     where = str(path)
     if fmt != "hf" and not Path(path).is_file():
         if Path(path).is_dir():
@@ -573,7 +575,7 @@ def _record_at(
         if field not in values:
             return None
         value = values[field][i]
-        if value is _MISSING:
+        if value is MISSING:
             if field in plan.explicit:
                 raise _Invalid(field, f"column {plan.columns[field]!r} is missing from this row")
             return None
@@ -672,10 +674,10 @@ def read_records(
     fmt = format if format is not None else infer_format(path)
     if fmt not in INPUT_FORMATS:
         raise ValueError(f"{path}: unknown format {fmt!r}; expected one of {list(INPUT_FORMATS)}")
-    data = _load(path, fmt, split)
+    data = load_rows(path, fmt, split)
     if data.length == 0:
         raise RecordError(data.where, "no records (the input is empty)")
-    plan = _plan(data, mapping, source, _default_source(path))
+    plan = _plan(data, mapping, source, default_source(path))
     values = {field: data.values(column) for field, column in plan.columns.items()}
     core = records_frame(_record_at(data, plan, values, i) for i in range(data.length))
     if not plan.extras:
@@ -876,18 +878,22 @@ def write_table(df: pl.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def write_format(df: pl.DataFrame, path: str | Path, fmt: TrainerFormat) -> Path:
-    """Convert a records frame to a trainer format (messages, prompt_completion or
-    preference) and write it atomically with write_table."""
+def trainer_frame(df: pl.DataFrame, fmt: TrainerFormat) -> pl.DataFrame:
+    """A records frame in a trainer format: messages, prompt_completion or preference."""
     match fmt:
         case "messages":
-            out = to_sft(df)
+            return to_sft(df)
         case "prompt_completion":
-            out = to_prompt_completion(df)
+            return to_prompt_completion(df)
         case "preference":
-            out = to_preference(df)
+            return to_preference(df)
         case _:
             raise ValueError(
                 f"unknown trainer format {fmt!r}; expected one of {list(TRAINER_FORMATS)}"
             )
-    return write_table(out, path)
+
+
+def write_format(df: pl.DataFrame, path: str | Path, fmt: TrainerFormat) -> Path:
+    """Convert a records frame to a trainer format (messages, prompt_completion or
+    preference) and write it atomically with write_table."""
+    return write_table(trainer_frame(df, fmt), path)

@@ -44,13 +44,13 @@ from gristmill.filters.dedup import (
 from gristmill.filters.embed import TextField, check_text_field, field_source_column
 from gristmill.pipelines.stage import MapStage, StageConfig, StageContext
 from gristmill.records import (
-    _MISSING,
     DROP_REASON,
     INPUT_FORMATS,
+    MISSING,
     RecordError,
-    _default_source,
-    _load,
+    default_source,
     infer_format,
+    load_rows,
 )
 
 #: Columns the stage writes (null on clean rows).
@@ -104,7 +104,7 @@ class EvalSet:
         if self.name is not None:
             return self.name
         if self.path is not None:
-            return _default_source(self.path)
+            return default_source(self.path)
         return self.hf if self.hf is not None else "unnamed"
 
     @classmethod
@@ -216,7 +216,7 @@ def _load_eval_file(es: EvalSet) -> _Table:
                 f"eval set {es.label!r}: {es.path} has sha256 {digest}, but the recipe pins "
                 f"{es.sha256}; update the pin if the eval set changed on purpose"
             )
-    data = _load(es.path, es.format or infer_format(es.path), es.split)
+    data = load_rows(es.path, es.format or infer_format(es.path), es.split)
     return _Table(
         where=data.where,
         columns=data.columns,
@@ -258,7 +258,7 @@ def _eval_items(es: EvalSet) -> tuple[list[str], list[str], list[str]]:
         item = str(i)
         if es.id_field is not None:
             ident = columns[es.id_field][i]
-            if ident is _MISSING or ident is None:
+            if ident is MISSING or ident is None:
                 raise RecordError(
                     table.where, "the id field is missing", line=line, row=row, field=es.id_field
                 )
@@ -266,7 +266,7 @@ def _eval_items(es: EvalSet) -> tuple[list[str], list[str], list[str]]:
         items.append(item)
         for f in es.fields:
             value = columns[f][i]
-            if value is _MISSING:
+            if value is MISSING:
                 raise RecordError(table.where, "is missing", line=line, row=row, field=f)
             got = _item_texts(value)
             if got is None:

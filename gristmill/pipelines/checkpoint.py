@@ -20,6 +20,7 @@ from gristmill.atomic import atomic_path
 
 SUCCESS = "_SUCCESS.json"
 REJECTED = "rejected"
+STATE = "state"
 
 
 def part_name(index: int) -> str:

@@ -29,7 +29,7 @@ from gristmill.pipelines.checkpoint import (
     read_json,
     read_parts,
 )
-from gristmill.records import write_table
+from gristmill.records import trainer_frame, write_table
 
 if TYPE_CHECKING:
     from gristmill.pipelines.pipeline import Pipeline
@@ -85,6 +85,8 @@ def write_dataset(pipeline: Pipeline) -> Path:
     frame = read_parts(pipeline.final_parts())
     drop = [c for c in recipe.output.drop_columns if c in frame.columns]
     frame = frame.drop(drop)
+    if recipe.output.format != "records" and frame.height:
+        frame = trainer_frame(frame, recipe.output.format)
     target = pipeline.run_dir / DATASET_DIR
     tmp = Path(tempfile.mkdtemp(prefix=".dataset.", dir=pipeline.run_dir))
     try:

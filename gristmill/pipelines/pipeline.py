@@ -18,6 +18,7 @@ the units the Prefect flow runs as tasks; `run()` runs them in order without Pre
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ from gristmill.engines.base import Engine, EngineStats, sum_engine_stats
 from gristmill.engines.factory import EngineSpec, get_engine
 from gristmill.pipelines.checkpoint import (
     REJECTED,
+    STATE,
     SUCCESS,
     atomic_write_json,
     atomic_write_parquet,
@@ -43,6 +45,7 @@ from gristmill.pipelines.checkpoint import (
     read_json,
     scan_parts,
 )
+from gristmill.pipelines.generators import generate_input
 from gristmill.pipelines.recipe import InputSpec, Recipe
 from gristmill.pipelines.stage import (
     ROW_COLUMN,
@@ -145,7 +148,7 @@ class Pipeline:
         return any(p.stage.uses_engine and not self.is_done(p) for p in self.stages)
 
     def context(self, planned: PlannedStage, part: int = 0) -> StageContext:
-        """A fresh context for one stage part."""
+        """A fresh context for one stage part (map parts get a private state folder)."""
         engine_factory: Callable[[], Engine] | None = (
             self.engine if self.recipe.engine is not None else None
         )
@@ -160,6 +163,7 @@ class Pipeline:
             engine_lock=self._engine_lock,
             engine_stats=EngineStats(),
             show_progress=self.show_progress,
+            state_dir=planned.dir / STATE / f"part-{part:05d}" if planned.is_map else None,
         )
 
     # ---- input --------------------------------------------------------------------------
@@ -194,7 +198,12 @@ class Pipeline:
         """The recipe's input as records (or blank seed rows), read and validated once."""
         if self._input is None:
             spec = self.recipe.input
-            if spec.rows is not None:
+            if spec.generator is not None:
+                assert spec.rows is not None
+                frame = generate_input(
+                    spec.generator, rows=spec.rows, seed=self.recipe.seed, options=spec.options
+                )
+            elif spec.rows is not None:
                 frame = pl.DataFrame({"seed_index": pl.int_range(0, spec.rows, eager=True)})
             else:
                 assert spec.path is not None
@@ -275,6 +284,8 @@ class Pipeline:
             planned.dir / f"part-{part:05d}.stats.json",
         )
         atomic_write_parquet(kept, out)  # last: its presence marks the part done
+        if ctx.state_dir is not None and ctx.state_dir.exists():
+            shutil.rmtree(ctx.state_dir)
         return out
 
     def finish_map_stage(self, planned: PlannedStage, seconds: float) -> dict[str, Any]:
@@ -297,7 +308,10 @@ class Pipeline:
             seconds=seconds,
             compute_seconds=sum(s["seconds"] for s in stats),
             engine=sum_engine_stats([s["engine"] for s in stats]),
-            extra={"parts": [s["extra"] for s in stats if s["extra"]]},
+            extra={
+                **_merged_extra(planned, [s["extra"] for s in stats]),
+                "parts": [s["extra"] for s in stats if s["extra"]],
+            },
         )
         atomic_write_json(summary, planned.dir / SUCCESS)
         return summary
@@ -423,6 +437,14 @@ def _stage_line(s: dict[str, Any]) -> str:
     return line
 
 
+def _merged_extra(planned: PlannedStage, extras: list[dict[str, Any]]) -> dict[str, Any]:
+    assert isinstance(planned.stage, MapStage)
+    merged = planned.stage.merge_extra(extras)
+    if "parts" in merged:
+        raise RuntimeError(f"stage {planned.name!r}: merge_extra may not set 'parts'")
+    return merged
+
+
 def _split_drops(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     if DROP_REASON not in frame.columns:
         return frame, frame.head(0)
@@ -456,6 +478,9 @@ def _input_identity(spec: InputSpec) -> dict[str, Any]:
         "source": spec.source,
         "limit": spec.limit,
     }
+    if spec.generator is not None:
+        ident["generator"] = spec.generator
+        ident["options"] = spec.options
     if spec.path is not None:
         ident["path_sha256"] = _file_sha256(Path(spec.path))
     return ident

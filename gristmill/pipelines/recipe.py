@@ -13,13 +13,16 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from gristmill.embed import DEFAULT_EMBEDDER
 from gristmill.engines.factory import EngineSpec
 from gristmill.pipelines.stage import Stage, StageConfig
+
+if TYPE_CHECKING:
+    from gristmill.flows.schedule import ScheduleSpec
 
 
 class RecipeError(ValueError):
@@ -119,7 +122,8 @@ STAGE_NAMES = (
 
 @dataclass(frozen=True, kw_only=True)
 class InputSpec:
-    """Where records come from: a file (with a column mapping) or N blank seed rows."""
+    """Where records come from: a file (with a column mapping), N blank seed rows, or N rows
+    from a built-in generator (`generator: arith`, with its `options`)."""
 
     path: str | None = None
     format: str | None = None
@@ -127,12 +131,18 @@ class InputSpec:
     source: str | None = None
     rows: int | None = None
     limit: int | None = None
+    generator: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.rows is None):
             raise RecipeError("input: give exactly one of `path` (a dataset file) or `rows`")
         if self.rows is not None and self.rows < 1:
             raise RecipeError(f"input.rows must be >= 1, got {self.rows}")
+        if self.generator is not None and self.rows is None:
+            raise RecipeError("input.generator needs `rows` (how many rows to generate)")
+        if self.options and self.generator is None:
+            raise RecipeError("input.options are the options of a `generator`; none is set")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +152,9 @@ class OutputSpec:
     shard_rows: int = 100_000
     drop_columns: tuple[str, ...] = ("embedding",)
     split: str = "train"
+    #: `records`: every column (lineage, scores); or a trainer format with only its columns:
+    #: `messages` (SFT), `prompt_completion`, `preference` (DPO: prompt/chosen/rejected).
+    format: Literal["records", "messages", "prompt_completion", "preference"] = "records"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,9 +187,21 @@ class Recipe:
     output: OutputSpec
     raw: Mapping[str, Any]
     path: str | None = None
+    #: When `gristmill serve` runs it (cron or interval); not part of any fingerprint.
+    schedule: ScheduleSpec | None = None
 
 
-TOP_KEYS = {"name", "seed", "part_rows", "input", "engine", "embedder", "stages", "output"}
+TOP_KEYS = {
+    "name",
+    "seed",
+    "part_rows",
+    "input",
+    "engine",
+    "embedder",
+    "stages",
+    "output",
+    "schedule",
+}
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -210,8 +235,9 @@ def recipe_from_mapping(raw: Mapping[str, Any], *, where: str, path: str | None 
     if not isinstance(input_raw, dict):
         raise RecipeError(f"{where}: `input` must be a mapping with `path` or `rows`")
     input_raw = dict(input_raw)
-    if isinstance(input_raw.get("mapping"), dict):
-        input_raw["mapping"] = tuple(sorted(input_raw["mapping"].items()))
+    for key in ("mapping", "options"):
+        if isinstance(input_raw.get(key), dict):
+            input_raw[key] = tuple(sorted(input_raw[key].items()))
     engine_raw = raw.get("engine")
     try:
         engine = EngineSpec.from_mapping(engine_raw) if engine_raw else None
@@ -227,7 +253,13 @@ def recipe_from_mapping(raw: Mapping[str, Any], *, where: str, path: str | None 
         raise RecipeError(f"{where}: seed must be an integer, got {seed!r}")
     if not isinstance(part_rows, int) or part_rows < 1:
         raise RecipeError(f"{where}: part_rows must be a positive integer, got {part_rows!r}")
+    schedule = None
+    if raw.get("schedule") is not None:
+        from gristmill.flows.schedule import ScheduleSpec
+
+        schedule = ScheduleSpec.from_mapping(raw["schedule"], where=where)
     return Recipe(
+        schedule=schedule,
         name=str(raw.get("name") or (Path(path).stem if path else "recipe")),
         seed=seed,
         part_rows=part_rows,

@@ -100,6 +100,10 @@ class MapStage(Stage):
         """Transform one batch. Set `drop_reason` (non-null) on rows to reject."""
         raise NotImplementedError
 
+    def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Combine the parts' `extra_stats` into stage-level stats (default: none)."""
+        return {}
+
 
 #: Internal column the pipeline adds before `GlobalStage.select` (position in the input)
 #: and uses to find rows that were not chosen. Stages must pass it through untouched.
@@ -214,6 +218,9 @@ class StageContext:
     engine_lock: threading.Lock = field(default_factory=threading.Lock)
     engine_stats: EngineStats = field(default_factory=EngineStats)
     show_progress: bool = True
+    #: A folder private to this stage part for resumable intermediate state (rounds of a
+    #: sampling loop); the pipeline removes it once the part's output is written.
+    state_dir: Path | None = None
     #: Stage-specific statistics (cluster sizes, thresholds used...) saved in _SUCCESS.json.
     extra_stats: dict[str, Any] = field(default_factory=dict)
 

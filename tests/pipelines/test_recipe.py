@@ -85,3 +85,34 @@ def test_overrides_do_not_mutate_the_input() -> None:
     out = apply_overrides(raw, ["stages.kmeans.budget=4"], where="t")
     assert raw["stages"][0]["kmeans"]["budget"] == 3
     assert out["stages"][0]["kmeans"]["budget"] == 4
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: Path(p).name
+)
+def test_every_shipped_recipe_validates_and_its_input_exists(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
+    recipe = load_recipe(path)
+    assert recipe.stages
+    if recipe.input.path is not None:
+        assert Path(recipe.input.path).exists(), recipe.input.path
+
+
+def test_a_generator_input_is_built_typed_and_deterministic(tmp_path: Path) -> None:
+    from gristmill.pipelines.generators import generate_input
+
+    recipe = load_recipe(ROOT / "recipes" / "dart-arith.yaml", ["input.rows=10"])
+    assert recipe.input.generator == "arith" and recipe.input.rows == 10
+    a = generate_input("arith", rows=10, seed=0, options=(("levels", [1, 2]),))
+    b = generate_input("arith", rows=10, seed=0, options=(("levels", [1, 2]),))
+    assert a.equals(b) and set(a["level"]) == {1, 2} and a.height == 10
+    with pytest.raises(ValueError, match="unknown option"):
+        generate_input("arith", rows=3, seed=0, options=(("level", [1]),))
+    with pytest.raises(ValueError, match="unknown input generator"):
+        generate_input("nope", rows=3, seed=0)
+    with pytest.raises(RecipeError, match="needs `rows`"):
+        load_recipe(
+            ROOT / "recipes" / "dart-arith.yaml", ["input.rows=null", "input.path=x.jsonl"]
+        )
