@@ -67,10 +67,15 @@ LogprobMode = Literal["prompt_logprobs", "echo"]
 class ServerError(RuntimeError):
     """A request to an OpenAI-compatible server failed (refused, or still failing after retries)."""
 
-    def __init__(self, message: str, *, kind: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, kind: str, status: int | None = None, transient: bool = False
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
+        #: True when the server may recover (it kept failing with retryable errors): a
+        #: flow-level retry later is worth it; False for refusals (bad request, 4xx).
+        self.transient = transient
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,6 +302,7 @@ class OpenAIEngine:
             f"{kind} request to {url} still failing after {self.max_retries + 1} attempts; "
             f"last error: {last}",
             kind=kind,
+            transient=True,
         )
 
     async def _gather(

@@ -1,105 +1,137 @@
 """The Prefect flow that runs a recipe: a task per map-stage part and per global stage.
 
-Tasks return paths, never tables; the Parquet checkpoints are the source of truth for
-resume. Runs in Prefect's ephemeral mode when no server is configured.
+Tasks take a `PipelineRef` (the resolved recipe and run folder) and return paths, never
+tables; the Parquet checkpoints are the source of truth for resume. Parts run on the task
+runner the caller picks (threads, Dask, Ray: see `flows.runners`), and a part that fails
+with a transient error is retried with backoff (see `flows.retry`). Runs in Prefect's
+ephemeral mode when no server is configured.
 """
 
 from __future__ import annotations
 
+import datetime
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture, as_completed, wait
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.runtime import flow_run
 from tqdm import tqdm
 
+from gristmill.flows.ref import PipelineRef, load_flow_recipe, pipeline_for, planned_stage
+from gristmill.flows.retry import RetryPolicy
+from gristmill.flows.runners import RunnerSpec, make_task_runner, prepare_runner
 from gristmill.pipelines.output import write_dataset
-from gristmill.pipelines.pipeline import Pipeline, PlannedStage, stage_line
-from gristmill.pipelines.recipe import load_recipe
+from gristmill.pipelines.pipeline import stage_line
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def split_input(pipeline: Pipeline) -> list[str]:
+@task(cache_policy=NO_CACHE)
+def split_input(ref: PipelineRef) -> list[str]:
     """Write (or reuse) the input parts."""
-    return [str(p) for p in pipeline.input_parts()]
+    return [str(p) for p in pipeline_for(ref).input_parts()]
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def run_map_part(pipeline: Pipeline, planned: PlannedStage, part: int, input_path: str) -> str:
+@task(cache_policy=NO_CACHE)
+def run_map_part(ref: PipelineRef, stage_index: int, part: int, input_path: str) -> str:
     """One part of a map stage; a no-op when its output already exists."""
-    return str(pipeline.run_map_part(planned, part, Path(input_path)))
+    planned = planned_stage(ref, stage_index)
+    return str(pipeline_for(ref).run_map_part(planned, part, Path(input_path)))
 
 
 @task(cache_policy=NO_CACHE)
-def finish_map_stage(pipeline: Pipeline, planned: PlannedStage, seconds: float) -> dict[str, Any]:
+def finish_map_stage(ref: PipelineRef, stage_index: int, seconds: float) -> dict[str, Any]:
     """Write the stage's `_SUCCESS.json` from its part stats."""
-    return pipeline.finish_map_stage(planned, seconds)
-
-
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def run_global_stage(pipeline: Pipeline, planned: PlannedStage) -> dict[str, Any]:
-    """A whole-dataset stage."""
-    return pipeline.run_global(planned)
+    return pipeline_for(ref).finish_map_stage(planned_stage(ref, stage_index), seconds)
 
 
 @task(cache_policy=NO_CACHE)
-def write_dataset_task(pipeline: Pipeline) -> str:
+def run_global_stage(ref: PipelineRef, stage_index: int) -> dict[str, Any]:
+    """A whole-dataset stage."""
+    return pipeline_for(ref).run_global(planned_stage(ref, stage_index))
+
+
+@task(cache_policy=NO_CACHE)
+def write_dataset_task(ref: PipelineRef) -> str:
     """The final dataset folder, card and manifest."""
-    return str(write_dataset(pipeline))
+    return str(write_dataset(pipeline_for(ref)))
 
 
-def run_pipeline(pipeline: Pipeline) -> str:
-    """Drive a pipeline's stages as Prefect tasks (call inside a flow)."""
+def run_pipeline(
+    ref: PipelineRef,
+    runner: RunnerSpec | None = None,
+    retry: RetryPolicy | None = None,
+) -> str:
+    """Drive a pipeline's stages as Prefect tasks (call inside a flow); the dataset folder."""
+    runner = runner or RunnerSpec()
+    retry = retry or RetryPolicy()
     logger = get_run_logger()
+    pipeline = pipeline_for(ref)
     pipeline.check_columns()
     if pipeline.needs_engine():
-        logger.info("starting engine %s", pipeline.recipe.engine)
-        pipeline.engine()  # created once, in the flow's thread, before any task uses it
-    split_input(pipeline)
+        if runner.in_flow_process:
+            logger.info("starting engine %s", pipeline.recipe.engine)
+            pipeline.engine()  # created once, in the flow's thread, before any task uses it
+        else:
+            logger.info("engines start on the workers, one per worker process")
+    retrying = retry.task_options()
+    split_input.with_options(**retrying)(ref)
+    todo = [p for p in pipeline.stages if not pipeline.is_done(p)]
     for planned in pipeline.stages:
-        if pipeline.is_done(planned):
+        if planned not in todo:
             logger.info(
                 "[%02d] %s: finished in an earlier run, skipped", planned.index, planned.name
             )
-            continue
-        start = time.perf_counter()
-        if planned.is_map:
-            inputs = pipeline.stage_input_parts(planned)
-            futures = [
-                run_map_part.with_options(
-                    task_run_name=f"{planned.index:02d}-{planned.name}-part-{k:05d}"
-                ).submit(pipeline, planned, k, str(path))
-                for k, path in enumerate(inputs)
-            ]
-            bar = tqdm(
-                total=len(futures),
-                desc=f"[{planned.index:02d}] {planned.name}",
-                unit="part",
-                disable=not pipeline.show_progress,
-            )
-            for _ in as_completed(futures):
-                bar.update(1)
-            bar.close()
-            wait(futures)
-            failed = [f for f in futures if not f.state.is_completed()]
-            if failed:
-                raise RuntimeError(
-                    f"stage {planned.name!r}: {len(failed)} of {len(futures)} parts failed; "
-                    "finished parts are kept, rerun to redo only the failed ones"
-                ) from _first_exception(failed)
-            summary = finish_map_stage(pipeline, planned, time.perf_counter() - start)
-        else:
-            summary = run_global_stage.with_options(
-                task_run_name=f"{planned.index:02d}-{planned.name}"
-            )(pipeline, planned)
-        logger.info(stage_line(summary))
-    return write_dataset_task(pipeline)
+    if not todo:
+        return write_dataset_task(ref)
+    logger.info("task runner: %s", runner.describe())
+    with make_task_runner(runner, api_url=_api_url()) as task_runner:
+        prepare_runner(task_runner)
+        for planned in todo:
+            start = time.perf_counter()
+            if planned.is_map:
+                inputs = pipeline.stage_input_parts(planned)
+                futures = [
+                    task_runner.submit(
+                        run_map_part.with_options(
+                            task_run_name=f"{planned.index:02d}-{planned.name}-part-{k:05d}",
+                            **retrying,
+                        ),
+                        {"ref": ref, "stage_index": planned.index, "part": k, "input_path": str(p)},
+                    )
+                    for k, p in enumerate(inputs)
+                ]
+                _follow(futures, f"[{planned.index:02d}] {planned.name}", pipeline.show_progress)
+                failed = [f for f in futures if not f.state.is_completed()]
+                if failed:
+                    raise RuntimeError(
+                        f"stage {planned.name!r}: {len(failed)} of {len(futures)} parts failed; "
+                        "finished parts are kept, rerun to redo only the failed ones"
+                    ) from _first_exception(failed)
+                summary = finish_map_stage(ref, planned.index, time.perf_counter() - start)
+            else:
+                summary = task_runner.submit(
+                    run_global_stage.with_options(
+                        task_run_name=f"{planned.index:02d}-{planned.name}", **retrying
+                    ),
+                    {"ref": ref, "stage_index": planned.index},
+                ).result()
+            logger.info(stage_line(summary))
+    return write_dataset_task(ref)
 
 
-def _first_exception(futures: list[Any]) -> BaseException | None:
+def _follow(futures: list[PrefectFuture[Any]], desc: str, show: bool) -> None:
+    bar = tqdm(total=len(futures), desc=desc, unit="part", disable=not show)
+    for _ in as_completed(futures):
+        bar.update(1)
+    bar.close()
+    wait(futures)
+
+
+def _first_exception(futures: list[PrefectFuture[Any]]) -> BaseException | None:
     for f in futures:
         try:
             f.result()
@@ -108,16 +140,53 @@ def _first_exception(futures: list[Any]) -> BaseException | None:
     return None
 
 
+def _api_url() -> str | None:
+    url = get_client(sync_client=True).api_url
+    return str(url) if url else None
+
+
+def scheduled_run_dir(out_root: str | Path, recipe_name: str) -> Path:
+    """A fresh folder for a run with no `out_dir`: OUT_ROOT/<recipe>/<scheduled time>-<run id>.
+
+    Scheduled runs each get their own folder; a Prefect retry of the same flow run keeps its
+    id and scheduled time, so it lands in the same folder and resumes there.
+    """
+    when = flow_run.scheduled_start_time or datetime.datetime.now(datetime.UTC)
+    stamp = when.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_id = str(flow_run.id or "local")[:8]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe_name).strip("-.") or "recipe"
+    return Path(out_root) / safe / f"{stamp}-{run_id}"
+
+
 @flow(name="gristmill-recipe", log_prints=True)
 def recipe_flow(
     recipe_path: str,
-    out_dir: str,
+    out_dir: str | None = None,
     overrides: list[str] | None = None,
     show_progress: bool = True,
+    out_root: str = "runs",
+    runner: str = "threads",
+    workers: int = 1,
+    threads_per_worker: int = 1,
+    address: str | None = None,
+    retries: int = 2,
+    retry_delay_s: float = 2.0,
 ) -> str:
-    """Run a recipe file into `out_dir`; returns the dataset folder."""
-    recipe = load_recipe(recipe_path, overrides or [])
-    return run_pipeline(Pipeline(recipe, out_dir, show_progress=show_progress))
+    """Run a recipe into `out_dir` (or a fresh folder under `out_root`); the dataset folder.
+
+    `runner`/`workers`/`threads_per_worker`/`address` pick the task runner; `retries` and
+    `retry_delay_s` set the backoff for parts that fail with a transient error.
+    """
+    recipe = load_flow_recipe(recipe_path, overrides or [])
+    run_dir = Path(out_dir) if out_dir else scheduled_run_dir(out_root, recipe.name)
+    get_run_logger().info("run folder: %s", run_dir)
+    return run_pipeline(
+        PipelineRef.of(recipe, run_dir, show_progress=show_progress),
+        RunnerSpec(
+            kind=runner, workers=workers, threads_per_worker=threads_per_worker, address=address
+        ),
+        RetryPolicy(retries=retries, delay_s=retry_delay_s),
+    )
 
 
 def run_recipe(
@@ -125,11 +194,26 @@ def run_recipe(
     out_dir: str | Path,
     overrides: list[str] | None = None,
     *,
-    workers: int = 1,
+    runner: RunnerSpec | None = None,
+    retry: RetryPolicy | None = None,
+    workers: int | None = None,
     show_progress: bool = True,
 ) -> Path:
-    """Run the recipe flow with a thread task runner of `workers` threads."""
-    runner: TaskRunner[PrefectFuture[Any]] = ThreadPoolTaskRunner(max_workers=workers)  # type: ignore[assignment]
-    configured = recipe_flow.with_options(task_runner=runner)
-    result = configured(str(recipe_path), str(out_dir), list(overrides or []), show_progress)
+    """Run the recipe flow into `out_dir`; `workers` alone means that many threads."""
+    if runner is not None and workers is not None:
+        raise ValueError("give `workers` inside the RunnerSpec, not both")
+    spec = runner or RunnerSpec(workers=workers or 1)
+    policy = retry or RetryPolicy()
+    result = recipe_flow(
+        str(recipe_path),
+        str(out_dir),
+        list(overrides or []),
+        show_progress,
+        runner=spec.kind,
+        workers=spec.workers,
+        threads_per_worker=spec.threads_per_worker,
+        address=spec.address,
+        retries=policy.retries,
+        retry_delay_s=policy.delay_s,
+    )
     return Path(result)

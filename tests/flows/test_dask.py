@@ -1,0 +1,99 @@
+"""Scale-out on a 2-worker Dask LocalCluster lands the same dataset as the threads runner."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from gristmill.engines.base import Engine
+from gristmill.flows.recipe import run_recipe
+from gristmill.flows.ref import PipelineRef, load_flow_recipe, pipeline_for
+from gristmill.flows.runners import RunnerSpec, local_cluster
+
+RecipeFactory = Callable[..., Path]
+ROOT = Path(__file__).resolve().parents[2]
+DASK = RunnerSpec(kind="dask", workers=2, threads_per_worker=1)
+
+pytestmark = pytest.mark.slow
+
+
+def _same_dataset(a: Path, b: Path) -> pl.DataFrame:
+    left = pl.read_parquet(a / "data" / "*.parquet")
+    right = pl.read_parquet(b / "data" / "*.parquet")
+    assert left["id"].to_list() == right["id"].to_list(), "same ids in the same order"
+    assert left.equals(right), "same rows, column for column"
+    return left
+
+
+def _stage_rows(run: Path, stage: str) -> pl.DataFrame:
+    (stage_dir,) = run.glob(f"*_{stage}-*")
+    return pl.read_parquet(sorted(stage_dir.glob("part-*.parquet"))).sort("id")
+
+
+def _probe(ref: PipelineRef) -> tuple[int, int]:
+    return os.getpid(), id(pipeline_for(ref))
+
+
+def test_each_worker_process_builds_the_pipeline_once(
+    tiny_recipe: RecipeFactory, tmp_path: Path
+) -> None:
+    from distributed import Client
+
+    ref = PipelineRef.of(load_flow_recipe(tiny_recipe()), tmp_path / "run")
+    with (
+        local_cluster(
+            n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        seen = client.gather([client.submit(_probe, ref, pure=False) for _ in range(12)])
+    pids = {pid for pid, _ in seen}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    for pid in pids:
+        assert len({obj for p, obj in seen if p == pid}) == 1, f"worker {pid} rebuilt it"
+
+
+def test_dask_lands_the_same_dataset_as_threads(tiny_recipe: RecipeFactory, tmp_path: Path) -> None:
+    recipe = tiny_recipe(selector="kmeans")  # embed runs on the workers, one embedder each
+    threads = run_recipe(recipe, tmp_path / "threads", show_progress=False)
+    dask = run_recipe(recipe, tmp_path / "dask", runner=DASK, show_progress=False)
+    assert _same_dataset(threads, dask).height == 6
+    assert _stage_rows(tmp_path / "threads", "embed").equals(
+        _stage_rows(tmp_path / "dask", "embed")
+    )
+
+
+@pytest.mark.engine
+def test_dask_magpie_matches_the_single_process_run(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two vLLM engines, one per worker process, generate what the shared one generates."""
+    small = [
+        "input.rows=8",
+        "part_rows=4",
+        "stages.magpie.instruction_max_tokens=32",
+        "stages.magpie.response_max_tokens=48",
+        "stages.heuristics.min_prompt_words=2",
+        "stages.kmeans.budget=4",
+        "stages.kmeans.k=2",
+    ]
+    recipe = ROOT / "recipes" / "magpie.yaml"
+    threads = run_recipe(recipe, tmp_path / "threads", small, show_progress=False)
+    # the worker engines sit beside the session's: a smaller KV cache each (no effect on output)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    dask = run_recipe(recipe, tmp_path / "dask", small, runner=DASK, show_progress=False)
+    _same_dataset(threads, dask)
+    single = _stage_rows(tmp_path / "threads", "magpie")
+    spread = _stage_rows(tmp_path / "dask", "magpie")
+    assert single.height == spread.height == 8 - _drops(tmp_path / "threads")
+    assert single.equals(spread), "the magpie pairs themselves match, not only the selection"
+
+
+def _drops(run: Path) -> int:
+    (stage_dir,) = run.glob("01_magpie-*")
+    rejected = list((stage_dir / "rejected").glob("*.parquet"))
+    return pl.read_parquet(rejected).height if rejected else 0
