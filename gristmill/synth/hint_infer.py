@@ -1,0 +1,1050 @@
+"""The `hint_infer` stage: START's Hint-infer tool loop, then Hint-RFT's filter.
+
+After Li et al. 2025, "START: Self-taught Reasoner with Tools" (arXiv 2503.04625).
+
+The tool loop. Each trajectory is the assistant's text so far; its prompt is the chat
+prompt (`Engine.chat_prompt`, ending in the assistant's generation prompt) followed by that
+text, so every round continues it. Every round is ONE `generate` call over all live
+trajectories (each with its own seed, budget and stop strings). A round ends a trajectory's
+generation at:
+
+- the closing fence of a ```python block (stop string "\\n```\\n", or the end of the text
+  right after such a fence): the cell runs in the sandbox and "```output\\n...\\n```" is
+  appended; generation continues next round. All cells of a round run in parallel
+  (`SandboxPool`). Cells share no process: each cell gets the earlier successful cells of
+  its trajectory (and, with `prelude_prompt`, the problem's prompt, e.g. a HumanEval
+  signature with its imports) replayed as a silent prelude, so variables and functions
+  persist like in a notebook. Other fences (an untagged block, a model-written
+  "```output") are put back and generation continues without running anything (a round
+  that wrote nothing but such a fence ends the trajectory: `degenerate`);
+- the model's own "Wait" / "Alternatively" (`insert_at: [trigger]`): a hint continues that
+  word ("Wait, I should test ...");
+- the end of the answer (`insert_at: [stop]`): the closing answer statement is cut
+  (`hints.cut_final_answer`) and a hint is appended, up to `hint_rounds` times per
+  trajectory (sequential test-time scaling). `prefill_code_fence` appends "```python\\n"
+  after every hint, for models too small to open a code block on their own.
+
+Caps: `max_tool_calls` cells per trajectory (a block past the cap ends it, `tool_cap`),
+`max_tokens` generated tokens per trajectory over all rounds, and the context: prompt plus
+trajectory stay under `context_fraction` of the model's maximum length. `max_rounds` bounds
+the loop. The trajectories are saved after every round in the part's state folder, so a
+crashed run resumes at the last finished round; per-round seeds derive from (problem,
+sample, round), so the resumed run continues exactly as an uninterrupted one would.
+
+Hint-RFT. Each problem also gets one plain greedy answer (no hints, no tools), sent in the
+first round's call. Trajectories are verified (math: the final answer stated in prose,
+outside code and output blocks; code: the last block defining the entry point, against the
+tests in the sandbox). A trajectory is kept when it finished within its caps, verifies, made
+at least one successful tool call, is not repetitive and holds no output block the sandbox
+did not write; the others go to `rejected/` with the reason. `hint_only_solved` marks
+problems solved with hints (some trajectory kept) but not by the greedy answer (START's
+seed set; `hint_only: true` keeps only those). Kept trajectories become SFT records (code
+and outputs inline) whose `parent_id` is the problem's id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import polars as pl
+from tqdm import tqdm
+
+from gristmill.engines.base import Completion, Message, Sampling
+from gristmill.filters.heuristics import duplicate_ngram_fraction
+from gristmill.pipelines.checkpoint import atomic_write_json, read_json
+from gristmill.pipelines.stage import ROW_COLUMN, MapStage, MeteredEngine, StageConfig, StageContext
+from gristmill.records import CORE_COLUMNS, DROP_REASON, make_record, records_frame
+from gristmill.sandbox import CellResult, Limits, SandboxPool, isolation
+from gristmill.synth.hints import Hint, cut_final_answer, hints_for
+from gristmill.verify import get_verifier
+from gristmill.verify.base import Verdict, Verifier
+from gristmill.verify.code import humaneval_reference
+
+log = logging.getLogger("gristmill.hint_infer")
+
+#: Stop string that ends a code block: a fence alone on its line ("\n```\n").
+FENCE_STOP = "\n```\n"
+PYTHON_TAGS = frozenset({"python", "py", "python3", "py3"})
+CODE_FENCE = "```python\n"
+STATE_FILE = "hint_infer.json"
+#: Fewer free context tokens than this ends a trajectory (`context`).
+MIN_ROUND_TOKENS = 8
+InsertPoint = Literal["stop", "trigger"]
+#: How a trajectory ended: the model finished (`eos`), a cap ended it, or it looped on empty
+#: fenced blocks (`degenerate`: a round that wrote nothing but a fence outside python).
+FINISHES = ("eos", "max_tokens", "context", "tool_cap", "max_rounds", "degenerate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HintInferConfig(StageConfig):
+    """Prompt, sampling, hints, caps, sandbox and Hint-RFT filter of the `hint_infer` stage."""
+
+    #: The user turn; `{prompt}` is replaced by the problem's prompt.
+    prompt_template: str = "{prompt}"
+    system: str | None = None
+    #: `math` (final answer vs reference) or `code` (the final program against tests).
+    verifier: Literal["math", "code"] = "math"
+    #: Math only: accept the last number of a trajectory that states no explicit answer.
+    allow_last_number: bool = False
+    #: Code: a column naming the function under test (HumanEval `entry_point`); the reference
+    #: then holds HumanEval's `test` code and is completed with `humaneval_reference`.
+    entry_point_column: str | None = None
+    #: Replay the problem's prompt before every cell (a HumanEval signature and its imports).
+    prelude_prompt: bool = False
+    #: Sampling of the hinted trajectories (START samples; the baseline is always greedy).
+    temperature: float = 0.7
+    top_p: float = 0.95
+    #: Trajectories per problem (each with its own seeds).
+    samples: int = 1
+    #: Generated tokens per trajectory over all rounds (hints and outputs not counted).
+    max_tokens: int = 1024
+    #: Prompt plus trajectory stay under this fraction of the model's maximum length.
+    context_fraction: float = 0.8
+    #: The model's maximum length, when the engine does not say (vLLM does).
+    max_model_len: int | None = None
+    max_tool_calls: int = 6
+    #: Safety bound on loop rounds (each live trajectory generates once per round).
+    max_rounds: int = 32
+    #: Library hint ids to draw from (empty: every hint of the verifier's domain).
+    hint_ids: tuple[str, ...] = ()
+    #: `random`: a seeded draw per insertion; `cycle`: the hints in order.
+    hint_choice: Literal["random", "cycle"] = "random"
+    #: Insertion points: `stop` (where the model ends its answer), `trigger` (after its own
+    #: "Wait"/"Alternatively").
+    insert_at: tuple[InsertPoint, ...] = ("stop",)
+    triggers: tuple[str, ...] = ("Wait", "Alternatively")
+    #: Most hints inserted per trajectory (N rounds of sequential test-time scaling).
+    hint_rounds: int = 1
+    #: At `stop`: cut the closing answer statement before inserting the hint.
+    cut_final_answer: bool = True
+    #: Append "```python\n" after each hint so a small model starts writing code at once.
+    prefill_code_fence: bool = False
+    #: Sandbox limits of one cell, and the characters of output kept (head + tail).
+    cell_timeout_s: float = 10.0
+    cell_memory_mb: int = 1024
+    max_output_chars: int = 1000
+    sandbox_workers: int = 4
+    #: Plain greedy decoding per problem (`solved_without_hints`, `hint_only_solved`).
+    baseline: bool = True
+    #: Hint-RFT: keep only trajectories with at least one successful tool call.
+    require_tool_call: bool = True
+    #: Hint-RFT: drop trajectories whose duplicate word n-gram fraction exceeds this.
+    max_repetition: float | None = 0.5
+    repetition_n: int = 5
+    #: Hint-RFT: keep only problems the greedy answer got wrong (START's seed set).
+    hint_only: bool = False
+    verify_workers: int = 4
+
+    def __post_init__(self) -> None:
+        where = "hint_infer config"
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(f"{where}: prompt_template must contain {{prompt}}")
+        if self.verifier not in ("math", "code"):
+            raise ValueError(f"{where}: verifier must be 'math' or 'code', got {self.verifier!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"{where}: need temperature >= 0 and top_p in (0, 1]")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"{where}: samples > 1 needs temperature > 0 (greedy repeats)")
+        if not 0 < self.context_fraction <= 1:
+            raise ValueError(f"{where}: context_fraction must be in (0, 1]")
+        for name in ("samples", "max_tokens", "max_tool_calls", "max_rounds", "sandbox_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("hint_rounds", "max_output_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError(f"{where}: max_model_len must be >= 16, got {self.max_model_len}")
+        object.__setattr__(self, "insert_at", tuple(self.insert_at))
+        object.__setattr__(self, "triggers", tuple(self.triggers))
+        object.__setattr__(self, "hint_ids", tuple(self.hint_ids))
+        bad = [p for p in self.insert_at if p not in ("stop", "trigger")]
+        if bad:
+            raise ValueError(f"{where}: insert_at takes 'stop' and 'trigger', got {bad}")
+        if "trigger" in self.insert_at and not all(t.strip() for t in self.triggers):
+            raise ValueError(f"{where}: insert_at 'trigger' needs non-empty triggers")
+        if self.max_repetition is not None and not 0 <= self.max_repetition <= 1:
+            raise ValueError(f"{where}: max_repetition must be in [0, 1]")
+        if self.verifier == "math" and self.entry_point_column is not None:
+            raise ValueError(f"{where}: entry_point_column is for the code verifier")
+        hints_for(self.verifier, self.hint_ids)  # unknown ids fail here, before any model time
+
+
+# ---- trajectories -----------------------------------------------------------------------------
+
+
+@dataclass
+class ToolCall:
+    """One executed cell: its code, how it ended, the output shown to the model."""
+
+    code: str
+    status: str
+    output: str
+    seconds: float
+    #: Character offset of the "```output" block in the trajectory.
+    position: int
+    round: int
+
+
+@dataclass
+class HintUse:
+    """One inserted hint: which, at which point (`stop` or `trigger:<word>`) and where."""
+
+    hint_id: str
+    point: str
+    #: Character offset of the hint's first character in the trajectory.
+    position: int
+    round: int
+
+
+@dataclass
+class Trajectory:
+    """One hinted, tool-using answer to one problem, grown round by round."""
+
+    query_id: str
+    sample: int
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    hints: list[HintUse] = field(default_factory=list)
+    rounds: int = 0
+    output_tokens: int = 0
+    #: None while live; else one of FINISHES.
+    finish: str | None = None
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        """Whether the trajectory still generates (no finish yet)."""
+        return self.finish is None
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Trajectory:
+        """Rebuild a trajectory saved with `asdict`."""
+        values = dict(data)
+        values["tool_calls"] = [ToolCall(**c) for c in values["tool_calls"]]
+        values["hints"] = [HintUse(**h) for h in values["hints"]]
+        return Trajectory(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baseline:
+    """The plain greedy answer to one problem."""
+
+    text: str
+    finish_reason: str
+    output_tokens: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One problem: its id, the rendered chat prompt, and cells to replay before each cell."""
+
+    id: str
+    prompt_text: str
+    prelude: tuple[str, ...] = ()
+
+
+@dataclass
+class LoopState:
+    """Everything a resumed loop needs: rounds and calls so far, trajectories, baselines."""
+
+    rounds: int = 0
+    calls: int = 0
+    trajectories: list[Trajectory] = field(default_factory=list)
+    baselines: dict[str, Baseline] = field(default_factory=dict)
+
+
+# ---- fenced blocks ----------------------------------------------------------------------------
+
+_FENCE_LINE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*$", re.MULTILINE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Block:
+    """A fenced block of a trajectory: tag, body, span, and whether its fence is closed."""
+
+    tag: str
+    body: str
+    start: int
+    end: int
+    closed: bool
+
+
+def fenced_blocks(text: str) -> list[Block]:
+    """Every ``` block of `text` in order; the last one may be open (no closing fence yet)."""
+    blocks: list[Block] = []
+    opened: tuple[str, int, int] | None = None  # tag, fence start, body start
+    for m in _FENCE_LINE.finditer(text):
+        tag = m.group(1).lower()
+        if opened is None:
+            opened = (tag, m.start(), min(m.end() + 1, len(text)))
+        elif not tag:
+            blocks.append(
+                Block(
+                    tag=opened[0],
+                    body=text[opened[2] : m.start()],
+                    start=opened[1],
+                    end=m.end(),
+                    closed=True,
+                )
+            )
+            opened = None
+    if opened is not None:
+        blocks.append(
+            Block(
+                tag=opened[0], body=text[opened[2] :], start=opened[1], end=len(text), closed=False
+            )
+        )
+    return blocks
+
+
+def open_block(text: str) -> Block | None:
+    """The block `text` ends inside of, if any."""
+    blocks = fenced_blocks(text)
+    return blocks[-1] if blocks and not blocks[-1].closed else None
+
+
+def strip_outputs(text: str) -> str:
+    """`text` without its ```output blocks: what the model itself wrote."""
+    return _strip_blocks(text, lambda b: b.tag == "output")
+
+
+def prose(text: str) -> str:
+    """`text` without any fenced block: where a math answer must be stated (an answer
+    printed by code, or written in a code string, is not the model's final answer)."""
+    return _strip_blocks(text, lambda b: True)
+
+
+def _strip_blocks(text: str, drop: Callable[[Block], bool]) -> str:
+    out, last = [], 0
+    for b in fenced_blocks(text):
+        if drop(b):
+            out.append(text[last : b.start])
+            last = b.end
+    out.append(text[last:])
+    return "".join(out)
+
+
+def final_program(text: str, entry_point: str | None) -> str | None:
+    """The program a code trajectory settles on: its last ```python block that defines
+    `entry_point` (any last python block when none does or no entry point is known)."""
+    python = [b.body for b in fenced_blocks(text) if b.tag in PYTHON_TAGS and b.body.strip()]
+    if not python:
+        return None
+    if entry_point:
+        pattern = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.M)
+        defining = [p for p in python if pattern.search(p)]
+        if defining:
+            return defining[-1]
+    return python[-1]
+
+
+def cell_output(result: CellResult, limit: int) -> str:
+    """What the model sees of a cell: stdout, then the error (traceback or limit) if any,
+    cut to `limit` characters (head and tail)."""
+    text = result.stdout
+    if result.status != "ok":
+        error = result.stderr.strip()
+        if result.status == "timeout":
+            error = f"TimeoutError: the cell ran longer than the {result.seconds:.0f}s limit"
+        elif not error:
+            error = f"Error: {result.reason or result.status}"
+        text = f"{text.rstrip()}\n{error}" if text.strip() else error
+    text = text.rstrip()
+    if len(text) <= limit:
+        return text
+    half = max(limit // 2, 1)
+    return f"{text[:half]}\n...\n{text[-half:]}"
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopSettings:
+    """The loop's knobs (taken from HintInferConfig) and the context limit in tokens."""
+
+    temperature: float
+    top_p: float
+    samples: int
+    max_tokens: int
+    context_tokens: int
+    max_tool_calls: int
+    max_rounds: int
+    hints: tuple[Hint, ...]
+    hint_choice: str
+    insert_at: tuple[str, ...]
+    triggers: tuple[str, ...]
+    hint_rounds: int
+    cut_final_answer: bool
+    prefill_code_fence: bool
+    max_output_chars: int
+    baseline: bool
+
+    @staticmethod
+    def from_config(cfg: HintInferConfig, max_model_len: int) -> LoopSettings:
+        """Settings for a model whose context holds `max_model_len` tokens."""
+        return LoopSettings(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            samples=cfg.samples,
+            max_tokens=cfg.max_tokens,
+            context_tokens=int(cfg.context_fraction * max_model_len),
+            max_tool_calls=cfg.max_tool_calls,
+            max_rounds=cfg.max_rounds,
+            hints=hints_for(cfg.verifier, cfg.hint_ids),
+            hint_choice=cfg.hint_choice,
+            insert_at=cfg.insert_at,
+            triggers=cfg.triggers,
+            hint_rounds=cfg.hint_rounds,
+            cut_final_answer=cfg.cut_final_answer,
+            prefill_code_fence=cfg.prefill_code_fence,
+            max_output_chars=cfg.max_output_chars,
+            baseline=cfg.baseline,
+        )
+
+
+SeedFor = Callable[..., int]
+
+
+def _save(state_dir: Path, state: LoopState, ids: Sequence[str]) -> None:
+    atomic_write_json(
+        {
+            "rounds": state.rounds,
+            "calls": state.calls,
+            "query_ids": list(ids),
+            "trajectories": [asdict(t) for t in state.trajectories],
+            "baselines": {k: asdict(v) for k, v in state.baselines.items()},
+        },
+        state_dir / STATE_FILE,
+    )
+
+
+def load_loop_state(state_dir: Path | None, ids: Sequence[str]) -> LoopState | None:
+    """The saved state of an interrupted loop over the same problems, or None."""
+    if state_dir is None or not (state_dir / STATE_FILE).exists():
+        return None
+    data = read_json(state_dir / STATE_FILE)
+    if data.get("query_ids") != list(ids):
+        raise RuntimeError(
+            f"{state_dir}: saved hint_infer state is for other problems; remove the folder to "
+            "start this part again"
+        )
+    return LoopState(
+        rounds=int(data["rounds"]),
+        calls=int(data["calls"]),
+        trajectories=[Trajectory.from_json(t) for t in data["trajectories"]],
+        baselines={k: Baseline(**v) for k, v in data["baselines"].items()},
+    )
+
+
+def _pick_hint(s: LoopSettings, t: Trajectory, seed_for: SeedFor) -> Hint:
+    k = len(t.hints)
+    if s.hint_choice == "cycle":
+        return s.hints[(k + t.sample) % len(s.hints)]
+    return s.hints[seed_for(t.query_id, t.sample, "hint", k) % len(s.hints)]
+
+
+def _insert_hint(
+    s: LoopSettings, t: Trajectory, point: str, round_: int, seed_for: SeedFor
+) -> None:
+    """Append a hint (after the trigger word, or in place of the closing answer)."""
+    hint = _pick_hint(s, t, seed_for)
+    if point == "stop":
+        base = cut_final_answer(t.text) if s.cut_final_answer else t.text
+        base = base.rstrip()
+        sep = "\n\n" if base else ""
+        position = len(base) + len(sep)
+        sentence = hint.text
+        t.text = base + sep
+    else:
+        position = len(t.text)
+        sentence = hint.after(point.removeprefix("trigger:"))
+    t.text += sentence + ("\n\n" + CODE_FENCE if s.prefill_code_fence else "\n")
+    t.hints.append(HintUse(hint_id=hint.id, point=point, position=position, round=round_))
+
+
+def _stops(s: LoopSettings, t: Trajectory) -> tuple[str, ...]:
+    stops = [FENCE_STOP]
+    if "trigger" in s.insert_at and len(t.hints) < s.hint_rounds:
+        stops.extend(s.triggers)
+    return tuple(stops)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Cell:
+    trajectory: Trajectory
+    code: str
+
+
+def _advance(
+    s: LoopSettings, t: Trajectory, c: Completion, budget_bound: str, round_: int, seed_for: SeedFor
+) -> _Cell | None:
+    """Apply one completion to a trajectory; a cell to run when it closed a python block."""
+    t.text += c.text
+    t.output_tokens += c.output_tokens
+    t.rounds += 1
+    if c.finish_reason != "stop":
+        t.finish = budget_bound
+        return None
+    if c.stop == FENCE_STOP:
+        block = open_block(t.text)
+        t.text += FENCE_STOP
+        if block is not None and block.tag in PYTHON_TAGS and block.body.strip():
+            return _cell_or_cap(s, t, block.body)
+        if not c.text.strip(" \n`"):  # nothing but fences: a loop of empty blocks
+            t.finish = "degenerate"
+        return None  # an untagged or non-python fence: put back, keep going
+    if c.stop is not None and c.stop in s.triggers:
+        _insert_hint(s, t, f"trigger:{c.stop}", round_, seed_for)
+        return None
+    # the model ended its answer (end of sequence)
+    block = open_block(t.text)
+    if block is not None:  # ended inside a block: close it, and run it if it is code
+        t.text = t.text.rstrip("\n") + FENCE_STOP
+        if block.tag in PYTHON_TAGS and block.body.strip():
+            return _cell_or_cap(s, t, block.body)
+        t.finish = "eos"
+        return None
+    blocks = fenced_blocks(t.text)
+    last = blocks[-1] if blocks else None
+    if (
+        last is not None
+        and last.tag in PYTHON_TAGS
+        and last.body.strip()
+        and not t.text[last.end :].strip()
+    ):
+        t.text = t.text[: last.end] + "\n"
+        return _cell_or_cap(s, t, last.body)
+    wants_hint = "stop" in s.insert_at and len(t.hints) < s.hint_rounds
+    if wants_hint and len(t.tool_calls) < s.max_tool_calls:
+        _insert_hint(s, t, "stop", round_, seed_for)
+        return None
+    t.finish = "eos"
+    return None
+
+
+def _cell_or_cap(s: LoopSettings, t: Trajectory, code: str) -> _Cell | None:
+    if len(t.tool_calls) >= s.max_tool_calls:
+        t.finish = "tool_cap"
+        return None
+    return _Cell(trajectory=t, code=code.strip("\n"))
+
+
+def run_hint_loop(
+    problems: Sequence[Problem],
+    *,
+    engine: MeteredEngine,
+    settings: LoopSettings,
+    pool: SandboxPool,
+    seed_for: SeedFor,
+    state_dir: Path | None = None,
+    progress: Callable[[LoopState], None] | None = None,
+) -> LoopState:
+    """Run START's Hint-infer loop over `problems` until every trajectory has finished."""
+    s = settings
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError("problems must have distinct ids")
+    by_id = {p.id: p for p in problems}
+    state = load_loop_state(state_dir, ids)
+    if state is None:
+        state = LoopState(
+            trajectories=[
+                Trajectory(query_id=p.id, sample=j) for p in problems for j in range(s.samples)
+            ]
+        )
+    else:
+        log.info("hint_infer: resuming after round %d", state.rounds)
+    while True:
+        live = [t for t in state.trajectories if t.live]
+        if state.rounds >= s.max_rounds:
+            for t in live:
+                t.finish = "max_rounds"
+            live = []
+        prompts: list[str] = []
+        params: list[Sampling] = []
+        bounds: list[str] = []
+        requests: list[Trajectory] = []
+        for t in live:
+            prompt = by_id[t.query_id].prompt_text + t.text
+            ctx_left = s.context_tokens - engine.count_tokens(prompt)
+            tok_left = s.max_tokens - t.output_tokens
+            if tok_left < 1:
+                t.finish = "max_tokens"
+                continue
+            if ctx_left < MIN_ROUND_TOKENS:
+                t.finish = "context"
+                continue
+            seed = seed_for(t.query_id, t.sample, t.rounds)
+            t.seeds.append(seed)
+            prompts.append(prompt)
+            params.append(
+                Sampling(
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    max_tokens=min(ctx_left, tok_left),
+                    stop=_stops(s, t),
+                    seed=seed,
+                )
+            )
+            bounds.append("context" if ctx_left < tok_left else "max_tokens")
+            requests.append(t)
+        greedy = []
+        for p in problems if s.baseline else ():
+            if p.id in state.baselines:
+                continue
+            ctx_left = s.context_tokens - engine.count_tokens(p.prompt_text)
+            if ctx_left < MIN_ROUND_TOKENS:
+                state.baselines[p.id] = Baseline(text="", finish_reason="context", output_tokens=0)
+                continue
+            greedy.append(p)
+            prompts.append(p.prompt_text)
+            params.append(
+                Sampling(
+                    temperature=0.0,
+                    max_tokens=min(ctx_left, s.max_tokens),
+                    seed=seed_for(p.id, "greedy"),
+                )
+            )
+        if not prompts:
+            return state
+        outs = engine.generate(prompts, params)
+        cells = [
+            cell
+            for t, out, bound in zip(requests, outs[: len(requests)], bounds, strict=True)
+            if (cell := _advance(s, t, out[0], bound, state.rounds, seed_for)) is not None
+        ]
+        for p, out in zip(greedy, outs[len(requests) :], strict=True):
+            c = out[0]
+            state.baselines[p.id] = Baseline(
+                text=c.text, finish_reason=c.finish_reason, output_tokens=c.output_tokens
+            )
+        _run_cells(cells, by_id, pool, s.max_output_chars, state.rounds)
+        state.rounds += 1
+        state.calls += 1
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            _save(state_dir, state, ids)
+        if progress is not None:
+            progress(state)
+
+
+def _run_cells(
+    cells: Sequence[_Cell],
+    problems: Mapping[str, Problem],
+    pool: SandboxPool,
+    limit: int,
+    round_: int,
+) -> None:
+    """Run a round's cells in parallel and append each one's ```output block."""
+    futures = []
+    for cell in cells:
+        t = cell.trajectory
+        earlier = [c.code for c in t.tool_calls if c.status == "ok"]
+        prelude = [*problems[t.query_id].prelude, *earlier]
+        futures.append(pool.submit(cell.code, prelude=prelude))
+    for cell, future in zip(cells, futures, strict=True):
+        result = future.result()
+        t = cell.trajectory
+        output = cell_output(result, limit)
+        position = len(t.text)
+        t.text += f"```output\n{output}\n```\n" if output else "```output\n```\n"
+        t.tool_calls.append(
+            ToolCall(
+                code=cell.code,
+                status=result.status,
+                output=output,
+                seconds=round(result.seconds, 3),
+                position=position,
+                round=round_,
+            )
+        )
+
+
+# ---- Hint-RFT ---------------------------------------------------------------------------------
+
+
+def verifier_input(text: str, verifier: str, entry_point: str | None) -> str:
+    """What the verifier checks: the model's prose (math) or its final program (code)."""
+    if verifier == "math":
+        return prose(text)
+    program = final_program(text, entry_point)
+    return f"```python\n{program}\n```" if program is not None else strip_outputs(text)
+
+
+def verify_texts(
+    verifier: Verifier, pairs: Sequence[tuple[str, str]], workers: int
+) -> list[Verdict]:
+    """Verify (response, reference) pairs in threads; a checker that raises counts as an error."""
+
+    def one(pair: tuple[str, str]) -> Verdict:
+        try:
+            return verifier(*pair)
+        except Exception as exc:  # a checker must never take the batch down
+            return Verdict(correct=False, extracted=None, reason=f"verifier_error: {exc!r}"[:200])
+
+    if workers <= 1 or len(pairs) < 2:
+        return [one(p) for p in pairs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, pairs))
+
+
+def drop_reason(
+    t: Trajectory, verdict: Verdict, *, cfg: HintInferConfig, repetition: float
+) -> str | None:
+    """Why Hint-RFT rejects a trajectory (None: it solves the problem with the tool)."""
+    if t.finish in ("max_tokens", "context", "max_rounds"):
+        return "too_long"
+    if t.finish == "tool_cap":
+        return "too_many_tool_calls"
+    if t.finish == "degenerate":
+        return "degenerate"
+    written = sum(1 for b in fenced_blocks(t.text) if b.tag == "output")
+    if written > len(t.tool_calls):
+        return "fake_output"
+    if not verdict.correct:
+        return "not_verified"
+    if cfg.require_tool_call and not any(c.status == "ok" for c in t.tool_calls):
+        return "no_tool_call"
+    if cfg.max_repetition is not None and repetition > cfg.max_repetition:
+        return "repetitive"
+    return None
+
+
+HINT_TYPE = pl.Struct(
+    {"hint_id": pl.String(), "point": pl.String(), "position": pl.Int64(), "round": pl.Int64()}
+)
+TOOL_TYPE = pl.Struct(
+    {
+        "code": pl.String(),
+        "status": pl.String(),
+        "output": pl.String(),
+        "seconds": pl.Float64(),
+        "position": pl.Int64(),
+        "round": pl.Int64(),
+    }
+)
+#: Columns of a trajectory row (besides the record columns and the input's own columns).
+TRAJECTORY_COLUMNS: dict[str, pl.DataType] = {
+    "hints": pl.List(HINT_TYPE),
+    "tool_calls": pl.List(TOOL_TYPE),
+    "n_hints": pl.Int64(),
+    "n_tool_calls": pl.Int64(),
+    "n_tool_ok": pl.Int64(),
+    "finish": pl.String(),
+    "rounds": pl.Int64(),
+    "output_tokens": pl.Int64(),
+    "sample_index": pl.Int64(),
+    "sample_seeds": pl.List(pl.Int64()),
+    "temperature": pl.Float64(),
+    "top_p": pl.Float64(),
+    "verified": pl.Boolean(),
+    "verdict_extracted": pl.String(),
+    "verdict_reason": pl.String(),
+    "repetition": pl.Float64(),
+    "solved_without_hints": pl.Boolean(),
+    "baseline_extracted": pl.String(),
+    "baseline_reason": pl.String(),
+    "solved_with_hints": pl.Boolean(),
+    "hint_only_solved": pl.Boolean(),
+    DROP_REASON: pl.String(),
+}
+_NOT_PASSED = frozenset({*CORE_COLUMNS, ROW_COLUMN, DROP_REASON, "embedding"})
+
+
+def problem_reference(cfg: HintInferConfig, row: Mapping[str, Any]) -> str:
+    """What a problem's trajectories are checked against: its reference, or for HumanEval
+    rows (`entry_point_column`) the tests completed by `humaneval_reference` (prompt-aware)."""
+    column = cfg.entry_point_column
+    if column is None:
+        return str(row["reference"])
+    return humaneval_reference(str(row["reference"]), str(row[column]), prompt=row["prompt"])
+
+
+def conversation(cfg: HintInferConfig, prompt: str) -> list[Message]:
+    """The conversation sent to the model for one problem (system turn optional)."""
+    head: list[Message] = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    return [*head, {"role": "user", "content": cfg.prompt_template.replace("{prompt}", prompt)}]
+
+
+class HintInfer(MapStage):
+    """START: hints make the model write Python, the sandbox runs it, Hint-RFT keeps the
+    verified tool-using trajectories as SFT records."""
+
+    name: ClassVar[str] = "hint_infer"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = HintInferConfig
+    uses_engine: ClassVar[bool] = True
+    unhashed: ClassVar[frozenset[str]] = frozenset({"sandbox_workers", "verify_workers"})
+
+    @property
+    def cfg(self) -> HintInferConfig:
+        """The stage config, typed."""
+        assert isinstance(self.config, HintInferConfig)
+        return self.config
+
+    def requires(self) -> tuple[str, ...]:
+        extra = (self.cfg.entry_point_column,) if self.cfg.entry_point_column else ()
+        return ("id", "prompt", "reference", *extra)
+
+    def produces(self) -> tuple[str, ...]:
+        return ("parent_id", "hints", "tool_calls", "verified", "hint_only_solved")
+
+    def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        cfg = self.cfg
+        engine = ctx.engine()
+        usable, rejected = self._usable_rows(batch.to_dicts())
+        max_len = cfg.max_model_len or getattr(engine.inner, "max_model_len", None)
+        if not isinstance(max_len, int):
+            raise ValueError(
+                f"stage {self.name!r}: the engine does not report its maximum length; "
+                "set max_model_len in the stage config"
+            )
+        problems = [
+            Problem(
+                id=row["id"],
+                prompt_text=engine.chat_prompt(conversation(cfg, row["prompt"])),
+                prelude=(row["prompt"],) if cfg.prelude_prompt else (),
+            )
+            for row in usable
+        ]
+        bar = tqdm(
+            desc=f"{self.name} part {ctx.part_index}",
+            unit="round",
+            disable=not ctx.show_progress,
+            leave=False,
+        )
+
+        def progress(state: LoopState) -> None:
+            bar.update(1)
+            bar.set_postfix(live=sum(1 for t in state.trajectories if t.live))
+
+        limits = Limits(
+            timeout_s=cfg.cell_timeout_s,
+            cpu_s=max(1, math.ceil(cfg.cell_timeout_s)),
+            memory_mb=cfg.cell_memory_mb,
+        )
+        with SandboxPool(max_workers=cfg.sandbox_workers, limits=limits) as pool:
+            state = run_hint_loop(
+                problems,
+                engine=engine,
+                settings=LoopSettings.from_config(cfg, max_len),
+                pool=pool,
+                seed_for=ctx.derive_seed,
+                state_dir=ctx.state_dir,
+                progress=progress,
+            )
+        bar.close()
+        out = self._emit(usable, state, model=engine.model_id)
+        ctx.extra_stats.update(_stats(out, state, len(usable)))
+        ctx.extra_stats["sandbox"] = isolation()  # how cells were cut off from the network
+        frames = [out]
+        if rejected:
+            frames.append(pl.DataFrame(rejected, infer_schema_length=None))
+        return pl.concat(frames, how="diagonal_relaxed")
+
+    def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return merge_stats(parts)
+
+    # ---- input and output ------------------------------------------------------------------
+    def _usable_rows(
+        self, rows: Sequence[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        usable: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        column = self.cfg.entry_point_column
+        for row in rows:
+            entry = row.get(column) if column else None
+            if row.get("reference") is None:
+                rejected.append({**row, DROP_REASON: "no_reference"})
+            elif column and not (isinstance(entry, str) and entry.isidentifier()):
+                rejected.append({**row, DROP_REASON: "bad_entry_point"})
+            elif row["id"] in seen:
+                rejected.append({**row, DROP_REASON: "duplicate_query"})
+            else:
+                seen.add(row["id"])
+                usable.append(row)
+        return usable, rejected
+
+    def _emit(
+        self, rows: Sequence[dict[str, Any]], state: LoopState, *, model: str
+    ) -> pl.DataFrame:
+        cfg = self.cfg
+        verifier = (
+            get_verifier("math", allow_last_number=cfg.allow_last_number)
+            if cfg.verifier == "math"
+            else get_verifier("code", timeout_s=cfg.cell_timeout_s)
+        )
+        by_id = {row["id"]: row for row in rows}
+        refs = {row["id"]: problem_reference(cfg, row) for row in rows}
+        entry = {
+            row["id"]: (str(row[cfg.entry_point_column]) if cfg.entry_point_column else None)
+            for row in rows
+        }
+        trajs = state.trajectories
+        base_ids = [qid for qid in by_id if qid in state.baselines]
+        pairs = [
+            (verifier_input(t.text, cfg.verifier, entry[t.query_id]), refs[t.query_id])
+            for t in trajs
+        ]
+        pairs += [
+            (verifier_input(state.baselines[q].text, cfg.verifier, entry[q]), refs[q])
+            for q in base_ids
+        ]
+        verdicts = verify_texts(verifier, pairs, cfg.verify_workers)
+        traj_verdicts = verdicts[: len(trajs)]
+        base = dict(zip(base_ids, verdicts[len(trajs) :], strict=True))
+        greedy_ok = {
+            q: v.correct and state.baselines[q].finish_reason == "stop" for q, v in base.items()
+        }
+        repetition = [
+            duplicate_ngram_fraction(strip_outputs(t.text), cfg.repetition_n) for t in trajs
+        ]
+        reasons = [
+            drop_reason(t, v, cfg=cfg, repetition=r)
+            for t, v, r in zip(trajs, traj_verdicts, repetition, strict=True)
+        ]
+        # solved with hints: some trajectory passes Hint-RFT's filter
+        solved = {t.query_id for t, r in zip(trajs, reasons, strict=True) if r is None}
+        records: list[dict[str, Any]] = []
+        kept_texts: dict[str, set[str]] = {}
+        for t, verdict, rep, reason in zip(trajs, traj_verdicts, repetition, reasons, strict=True):
+            row = by_id[t.query_id]
+            g = greedy_ok.get(t.query_id)
+            if reason is None and cfg.hint_only and g:
+                reason = "solved_without_hints"
+            if reason is None:
+                seen = kept_texts.setdefault(t.query_id, set())
+                if t.text in seen:
+                    reason = "duplicate"
+                seen.add(t.text)
+            passed = {k: v for k, v in row.items() if k not in _NOT_PASSED}
+            base_verdict = base.get(t.query_id)
+            records.append(
+                make_record(
+                    [*conversation(cfg, row["prompt"]), {"role": "assistant", "content": t.text}],
+                    source=row["source"],
+                    reference=refs[t.query_id],
+                    parent_id=t.query_id,
+                    model=model,
+                    **passed,
+                    hints=[asdict(h) for h in t.hints],
+                    tool_calls=[asdict(c) for c in t.tool_calls],
+                    n_hints=len(t.hints),
+                    n_tool_calls=len(t.tool_calls),
+                    n_tool_ok=sum(1 for c in t.tool_calls if c.status == "ok"),
+                    finish=t.finish,
+                    rounds=t.rounds,
+                    output_tokens=t.output_tokens,
+                    sample_index=t.sample,
+                    sample_seeds=list(t.seeds),
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    verified=verdict.correct,
+                    verdict_extracted=verdict.extracted,
+                    verdict_reason=verdict.reason,
+                    repetition=round(rep, 6),
+                    solved_without_hints=g,
+                    baseline_extracted=base_verdict.extracted if base_verdict else None,
+                    baseline_reason=base_verdict.reason if base_verdict else None,
+                    solved_with_hints=t.query_id in solved,
+                    hint_only_solved=(t.query_id in solved and g is False),
+                    **{DROP_REASON: reason},
+                )
+            )
+        schema = dict(TRAJECTORY_COLUMNS)
+        if rows:
+            frame = pl.DataFrame(list(rows), infer_schema_length=None)
+            for k, v in frame.schema.items():
+                if k not in _NOT_PASSED:
+                    schema.setdefault(k, v)
+        return records_frame(records, schema)
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+
+def _stats(out: pl.DataFrame, state: LoopState, problems: int) -> dict[str, Any]:
+    trajs = state.trajectories
+    hints: dict[str, int] = {}
+    for t in trajs:
+        for h in t.hints:
+            point = h.point.split(":")[0]
+            hints[point] = hints.get(point, 0) + 1
+    finish: dict[str, int] = {}
+    for t in trajs:
+        finish[str(t.finish)] = finish.get(str(t.finish), 0) + 1
+    kept = out.filter(pl.col(DROP_REASON).is_null()) if out.height else out
+    per_problem = (
+        out.group_by("parent_id").agg(
+            pl.col("solved_with_hints").first(),
+            pl.col("solved_without_hints").first(),
+            pl.col("hint_only_solved").first(),
+        )
+        if out.height
+        else None
+    )
+
+    def count(column: str) -> int:
+        return 0 if per_problem is None else int(per_problem[column].fill_null(False).sum())
+
+    return {
+        "problems": problems,
+        "trajectories": len(trajs),
+        "rounds": state.rounds,
+        "calls": state.calls,
+        "tool_calls": sum(len(t.tool_calls) for t in trajs),
+        "tool_calls_ok": sum(1 for t in trajs for c in t.tool_calls if c.status == "ok"),
+        "trajectories_with_tool_ok": sum(
+            1 for t in trajs if any(c.status == "ok" for c in t.tool_calls)
+        ),
+        "hints": hints,
+        "finish": finish,
+        "verified": int(out["verified"].sum()) if out.height else 0,
+        "kept": kept.height,
+        "solved_with_hints": count("solved_with_hints"),
+        "solved_without_hints": count("solved_without_hints"),
+        "hint_only_solved": count("hint_only_solved"),
+        "output_tokens": sum(t.output_tokens for t in trajs),
+    }
+
+
+_SUMMED = (
+    "problems",
+    "trajectories",
+    "calls",
+    "tool_calls",
+    "tool_calls_ok",
+    "trajectories_with_tool_ok",
+    "verified",
+    "kept",
+    "solved_with_hints",
+    "solved_without_hints",
+    "hint_only_solved",
+    "output_tokens",
+)
+
+
+def merge_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stage-level statistics from the parts' (sums; rounds: the most any part took)."""
+    if not parts:
+        return {}
+    out: dict[str, Any] = {k: sum(int(p.get(k, 0)) for p in parts) for k in _SUMMED}
+    out["rounds"] = max(int(p.get("rounds", 0)) for p in parts)
+    out["sandbox"] = sorted({str(p["sandbox"]) for p in parts if "sandbox" in p})
+    for key in ("hints", "finish"):
+        merged: dict[str, int] = {}
+        for p in parts:
+            for name, n in p.get(key, {}).items():
+                merged[name] = merged.get(name, 0) + int(n)
+        out[key] = merged
+    return out
