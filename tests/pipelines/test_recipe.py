@@ -113,6 +113,4 @@ def test_a_generator_input_is_built_typed_and_deterministic(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="unknown input generator"):
         generate_input("nope", rows=3, seed=0)
     with pytest.raises(RecipeError, match="needs `rows`"):
-        load_recipe(
-            ROOT / "recipes" / "dart-arith.yaml", ["input.rows=null", "input.path=x.jsonl"]
-        )
+        load_recipe(ROOT / "recipes" / "dart-arith.yaml", ["input.rows=null", "input.path=x.jsonl"])
