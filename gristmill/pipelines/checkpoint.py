@@ -58,8 +58,12 @@ def parquet_rows(path: Path) -> int:
 
 
 def read_parts(paths: Iterable[Path]) -> pl.DataFrame:
-    """Concatenate parts in order; empty parts are skipped, schemas relaxed to a common one."""
+    """Concatenate parts in order, schemas relaxed to a common one; empty parts are skipped,
+    unless every part is empty: then the result is empty but keeps their columns."""
+    paths = list(paths)
     frames = [pl.read_parquet(p) for p in paths if parquet_rows(p) > 0]
+    if not frames:
+        frames = [pl.read_parquet(p) for p in paths]
     if not frames:
         return pl.DataFrame()
     if len(frames) == 1:
@@ -68,10 +72,11 @@ def read_parts(paths: Iterable[Path]) -> pl.DataFrame:
 
 
 def scan_parts(paths: Sequence[Path]) -> pl.LazyFrame:
-    """Lazy view of the non-empty parts (one scan when schemas agree)."""
+    """Lazy view of the non-empty parts (one scan when schemas agree); all parts empty gives
+    an empty frame with their columns."""
     nonempty = [p for p in paths if parquet_rows(p) > 0]
     if not nonempty:
-        return pl.LazyFrame()
+        return read_parts(paths).lazy()
     schemas = {tuple(pl.read_parquet_schema(p).items()) for p in nonempty}
     if len(schemas) == 1:
         return pl.scan_parquet(nonempty)

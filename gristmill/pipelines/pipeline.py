@@ -343,8 +343,8 @@ class Pipeline:
             rejected = pl.concat([specific, unselected], how="diagonal_relaxed").sort(ROW_COLUMN)
             kept = kept.sort(ROW_COLUMN).drop(ROW_COLUMN)
             rejected = rejected.drop(ROW_COLUMN)
-        else:
-            kept = rejected = pl.DataFrame()
+        else:  # nothing to select from: an empty output that keeps the input's columns
+            kept, rejected = data.collect(), pl.DataFrame()
         seconds = time.perf_counter() - start
         if kept.height:
             _check_produced(planned, kept)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import polars as pl
 import pytest
 import yaml
 
+from gristmill.catalog import query
 from gristmill.pipelines.checkpoint import SUCCESS
 from gristmill.pipelines.pipeline import Pipeline
 from gristmill.pipelines.recipe import (
@@ -223,3 +225,31 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path) -> None:
     src.write_text('{"instruction": 5, "output": "a1"}\n')
     with pytest.raises(ValueError, match=r"line 1.*'prompt'.*instruction"):
         Pipeline(_recipe(src), run, show_progress=False).run()
+
+
+@pytest.mark.parametrize("fmt", ["records", "messages", "chat_preference"])
+def test_a_run_that_keeps_nothing_still_writes_a_loadable_dataset(tmp_path: Path, fmt: str) -> None:
+    """Every row dropped: the map stage's parts, the global stage and the dataset keep their
+    columns, so the DuckDB catalog reads the empty result like any other."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        "".join(json.dumps({"instruction": f"q{i} drop", "output": "a"}) + "\n" for i in range(8))
+    )
+    recipe = dataclasses.replace(_recipe(path), output=OutputSpec(format=fmt))  # type: ignore[arg-type]
+    dataset = Pipeline(recipe, tmp_path / "run", show_progress=False).run()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["rows_out"] for s in manifest["stages"]] == [0, 0]
+    data = pl.read_parquet(dataset / "data" / "*.parquet")
+    assert data.height == 0
+    expected = {
+        "records": {"id", "messages", "prompt", "response", "shouted"},
+        "messages": {"id", "messages"},
+        "chat_preference": {"id", "messages", "chosen", "rejected"},
+    }[fmt]
+    assert expected <= set(data.columns)
+    # the card's features are the format's (`datasets` itself refuses to load a split with
+    # no rows, so the schema is what a user gets to see)
+    front = yaml.safe_load((dataset / "README.md").read_text().split("---\n")[1])
+    assert expected <= {f["name"] for f in front["dataset_info"]["features"]}
+    _, rows = query(tmp_path / "run", "select count(*), count(id) from dataset")
+    assert rows == [(0, 0)]
