@@ -7,7 +7,7 @@ on the CORE columns below; scoring stages add `score__<name>` float64 columns; f
 Sections: the schema and record builders; `RecordError` (names file, row and field);
 `read_records` (jsonl, json, parquet, hf, with a column mapping, all rows validated);
 `validate_frame` (stage outputs); trainer formats (`to_sft`, `to_prompt_completion`,
-`to_preference`) and the atomic writers `write_table` / `write_format`.
+`to_preference`, `to_chat_preference`) and the atomic writers `write_table` / `write_format`.
 """
 
 from __future__ import annotations
@@ -743,8 +743,13 @@ def validate_frame(df: pl.DataFrame, where: str) -> None:
 # Trainer formats and atomic writers
 # --------------------------------------------------------------------------------------------
 
-TrainerFormat = Literal["messages", "prompt_completion", "preference"]
-TRAINER_FORMATS: tuple[str, ...] = ("messages", "prompt_completion", "preference")
+TrainerFormat = Literal["messages", "prompt_completion", "preference", "chat_preference"]
+TRAINER_FORMATS: tuple[str, ...] = (
+    "messages",
+    "prompt_completion",
+    "preference",
+    "chat_preference",
+)
 
 
 def _require_columns(df: pl.DataFrame, columns: Sequence[str], where: str) -> None:
@@ -838,6 +843,19 @@ def to_preference(df: pl.DataFrame) -> pl.DataFrame:
     return out
 
 
+def to_chat_preference(df: pl.DataFrame) -> pl.DataFrame:
+    """Preference rows as `messages` (the prompt turns, ending in a user turn) plus `chosen`
+    and `rejected` as single assistant messages: Axolotl's `chat_template.default` DPO rows
+    and LLaMA-Factory's sharegpt `ranking` rows (tags `role`/`content`); `id` is kept."""
+    pairs = to_preference(df)
+    return pairs.select(
+        *(["id"] if "id" in pairs.columns else []),
+        pl.col("prompt").alias("messages"),
+        pl.col("chosen").list.first(),
+        pl.col("rejected").list.first(),
+    )
+
+
 def _plain_type(t: pa.DataType) -> pa.DataType:
     """Arrow's 32-bit-offset types for polars' large/view ones, which `datasets` shows as
     `large_string`/`LargeList` features."""
@@ -879,7 +897,8 @@ def write_table(df: pl.DataFrame, path: str | Path) -> Path:
 
 
 def trainer_frame(df: pl.DataFrame, fmt: TrainerFormat) -> pl.DataFrame:
-    """A records frame in a trainer format: messages, prompt_completion or preference."""
+    """A records frame in a trainer format: messages, prompt_completion, preference or
+    chat_preference."""
     match fmt:
         case "messages":
             return to_sft(df)
@@ -887,13 +906,29 @@ def trainer_frame(df: pl.DataFrame, fmt: TrainerFormat) -> pl.DataFrame:
             return to_prompt_completion(df)
         case "preference":
             return to_preference(df)
+        case "chat_preference":
+            return to_chat_preference(df)
         case _:
             raise ValueError(
                 f"unknown trainer format {fmt!r}; expected one of {list(TRAINER_FORMATS)}"
             )
 
 
+def empty_trainer_frame(fmt: TrainerFormat) -> pl.DataFrame:
+    """An empty frame with a trainer format's columns and types (a run that kept no rows
+    still writes a dataset that loaders and the catalog can read)."""
+    stub = pl.DataFrame(
+        schema={
+            "id": pl.String(),
+            "messages": POLARS_CORE["messages"],
+            "chosen": pl.String(),
+            "rejected": pl.String(),
+        }
+    )
+    return trainer_frame(stub, fmt)
+
+
 def write_format(df: pl.DataFrame, path: str | Path, fmt: TrainerFormat) -> Path:
-    """Convert a records frame to a trainer format (messages, prompt_completion or
-    preference) and write it atomically with write_table."""
+    """Convert a records frame to a trainer format (see `trainer_frame`) and write it
+    atomically with write_table."""
     return write_table(trainer_frame(df, fmt), path)

@@ -27,6 +27,7 @@ from gristmill.records import (
     read_records,
     record_id,
     records_frame,
+    to_chat_preference,
     to_preference,
     to_prompt_completion,
     to_sft,
@@ -642,6 +643,45 @@ def test_preference_from_records_with_chosen_and_rejected(tmp_path: Path) -> Non
         schema_overrides={"prompt": POLARS_CORE["messages"]},
     )
     assert to_preference(hand).columns == ["prompt", "chosen", "rejected"]
+
+
+def test_chat_preference_rows_for_axolotl_and_llama_factory(tmp_path: Path) -> None:
+    """Messages ending in a user turn plus `chosen`/`rejected` as single assistant messages:
+    the rows Axolotl's `chat_template.default` DPO loader and LLaMA-Factory's sharegpt
+    `ranking` converter (tags role/content) read."""
+    system = {"role": "system", "content": "Be brief."}
+    df = read_records(GSM8K, mapping=GSM8K_MAP)
+    df = df.with_columns(
+        messages=pl.Series(
+            [[system, {"role": "user", "content": p}] for p in df["prompt"]],
+            dtype=POLARS_CORE["messages"],
+        ),
+        chosen=pl.col("reference"),
+        rejected=pl.lit("I don't know."),
+    )
+    parquet = write_format(df, tmp_path / "dpo.parquet", "chat_preference")
+    ds = load_parquet(parquet, tmp_path)
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    assert ds.features == datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "messages": MESSAGE_FEATURE,
+            "chosen": message,
+            "rejected": message,
+        }
+    )
+    row = ds[2]
+    assert row["id"] == df["id"][2]
+    assert row["messages"] == [system, {"role": "user", "content": df["prompt"][2]}]
+    assert row["chosen"] == {"role": "assistant", "content": df["reference"][2]}
+    assert row["rejected"] == {"role": "assistant", "content": "I don't know."}
+    # LLaMA-Factory's ranking rows: after an optional system turn, an odd number of turns
+    for r in ds:
+        turns = [m for m in r["messages"] if m["role"] != "system"]
+        assert len(turns) % 2 == 1 and turns[-1]["role"] == "user"
+    # the checks of `to_preference` apply
+    with pytest.raises(RecordError, match=r"to_preference input: field 'chosen'"):
+        to_chat_preference(df.drop("chosen"))
 
 
 def test_preference_errors(tmp_path: Path) -> None:

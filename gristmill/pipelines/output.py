@@ -29,7 +29,7 @@ from gristmill.pipelines.checkpoint import (
     read_json,
     read_parts,
 )
-from gristmill.records import trainer_frame, write_table
+from gristmill.records import empty_trainer_frame, trainer_frame, write_table
 
 if TYPE_CHECKING:
     from gristmill.pipelines.pipeline import Pipeline
@@ -85,8 +85,9 @@ def write_dataset(pipeline: Pipeline) -> Path:
     frame = read_parts(pipeline.final_parts())
     drop = [c for c in recipe.output.drop_columns if c in frame.columns]
     frame = frame.drop(drop)
-    if recipe.output.format != "records" and frame.height:
-        frame = trainer_frame(frame, recipe.output.format)
+    if recipe.output.format != "records":
+        fmt = recipe.output.format
+        frame = trainer_frame(frame, fmt) if frame.height else empty_trainer_frame(fmt)
     target = pipeline.run_dir / DATASET_DIR
     tmp = Path(tempfile.mkdtemp(prefix=".dataset.", dir=pipeline.run_dir))
     try:

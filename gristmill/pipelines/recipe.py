@@ -153,8 +153,12 @@ class OutputSpec:
     drop_columns: tuple[str, ...] = ("embedding",)
     split: str = "train"
     #: `records`: every column (lineage, scores); or a trainer format with only its columns:
-    #: `messages` (SFT), `prompt_completion`, `preference` (DPO: prompt/chosen/rejected).
-    format: Literal["records", "messages", "prompt_completion", "preference"] = "records"
+    #: `messages` (SFT), `prompt_completion`, `preference` (TRL DPO: prompt/chosen/rejected
+    #: message lists), `chat_preference` (Axolotl / LLaMA-Factory DPO: messages plus chosen and
+    #: rejected as single messages).
+    format: Literal["records", "messages", "prompt_completion", "preference", "chat_preference"] = (
+        "records"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
