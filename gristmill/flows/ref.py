@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gristmill.flows.schedule import read_recipe_raw
 from gristmill.pipelines.pipeline import Pipeline, PlannedStage
-from gristmill.pipelines.recipe import Recipe, apply_overrides, load_recipe, recipe_from_mapping
+from gristmill.pipelines.recipe import (
+    Recipe,
+    apply_overrides,
+    load_recipe,
+    read_recipe_raw,
+    recipe_from_mapping,
+)
 
 #: Top-level recipe keys read by the flows layer, not by the pipeline (see flows.schedule).
 FLOW_KEYS = ("schedule",)

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from gristmill.pipelines.recipe import RecipeError
+from gristmill.pipelines.recipe import RecipeError, read_recipe_raw
 
 if TYPE_CHECKING:
     from prefect.schedules import Schedule
@@ -81,20 +79,6 @@ class ScheduleSpec:
         """One line for logs: `cron 0 3 * * * (UTC)` or `every 3600s (UTC)`."""
         what = f"cron {self.cron}" if self.cron is not None else f"every {self.interval:g}s"
         return f"{what} ({self.timezone})"
-
-
-def read_recipe_raw(path: str | Path) -> dict[str, Any]:
-    """A recipe file's top-level mapping, unvalidated."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise RecipeError(f"recipe not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping at the top level")
-    return raw
 
 
 def recipe_schedule(path: str | Path) -> ScheduleSpec | None:

@@ -57,6 +57,27 @@ def parquet_rows(path: Path) -> int:
     return int(pq.ParquetFile(path).metadata.num_rows)
 
 
+def write_loop_state(path: Path, ids: Sequence[str], **state: Any) -> None:
+    """Save a stage's resumable loop state (JSON, atomic) for the part's query ids."""
+    atomic_write_json({"query_ids": list(ids), **state}, path)
+
+
+def read_loop_state(path: Path | None, ids: Sequence[str], what: str) -> dict[str, Any] | None:
+    """The loop state saved at `path` for these same query ids, or None when there is none.
+
+    State saved for other queries (the part's input changed) is an error, not silently used.
+    """
+    if path is None or not path.exists():
+        return None
+    data: dict[str, Any] = read_json(path)
+    if data.get("query_ids") != list(ids):
+        raise RuntimeError(
+            f"{path.parent}: saved {what} state is for other queries; remove the folder to "
+            "start this part again"
+        )
+    return data
+
+
 def read_parts(paths: Iterable[Path]) -> pl.DataFrame:
     """Concatenate parts in order, schemas relaxed to a common one; empty parts are skipped,
     unless every part is empty: then the result is empty but keeps their columns."""

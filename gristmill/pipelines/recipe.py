@@ -208,8 +208,8 @@ TOP_KEYS = {
 }
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply `KEY=VALUE` overrides, validate everything."""
+def read_recipe_raw(path: str | Path) -> dict[str, Any]:
+    """A recipe file's top-level mapping, unvalidated."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -219,7 +219,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping at the top level")
-    raw = apply_overrides(raw, overrides, where=str(path))
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `KEY=VALUE` overrides, validate everything."""
+    raw = apply_overrides(read_recipe_raw(path), overrides, where=str(path))
     return recipe_from_mapping(raw, where=str(path), path=str(path))
 
 

@@ -48,23 +48,22 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import polars as pl
-from tqdm import tqdm
 
 from gristmill.engines.base import Completion, Message, Sampling
 from gristmill.filters.heuristics import duplicate_ngram_fraction
-from gristmill.pipelines.checkpoint import atomic_write_json, read_json
+from gristmill.pipelines.checkpoint import read_loop_state, write_loop_state
 from gristmill.pipelines.stage import ROW_COLUMN, MapStage, MeteredEngine, StageConfig, StageContext
 from gristmill.records import CORE_COLUMNS, DROP_REASON, make_record, records_frame
 from gristmill.sandbox import CellResult, Limits, SandboxPool, isolation
 from gristmill.synth.hints import Hint, cut_final_answer, hints_for
+from gristmill.synth.sampling import round_bar, usable_queries
 from gristmill.verify import get_verifier
-from gristmill.verify.base import Verdict, Verifier
+from gristmill.verify.base import Verdict, verify_many
 from gristmill.verify.code import humaneval_reference
 
 log = logging.getLogger("gristmill.hint_infer")
@@ -415,28 +414,23 @@ SeedFor = Callable[..., int]
 
 
 def _save(state_dir: Path, state: LoopState, ids: Sequence[str]) -> None:
-    atomic_write_json(
-        {
-            "rounds": state.rounds,
-            "calls": state.calls,
-            "query_ids": list(ids),
-            "trajectories": [asdict(t) for t in state.trajectories],
-            "baselines": {k: asdict(v) for k, v in state.baselines.items()},
-        },
+    write_loop_state(
         state_dir / STATE_FILE,
+        ids,
+        rounds=state.rounds,
+        calls=state.calls,
+        trajectories=[asdict(t) for t in state.trajectories],
+        baselines={k: asdict(v) for k, v in state.baselines.items()},
     )
 
 
 def load_loop_state(state_dir: Path | None, ids: Sequence[str]) -> LoopState | None:
     """The saved state of an interrupted loop over the same problems, or None."""
-    if state_dir is None or not (state_dir / STATE_FILE).exists():
+    if state_dir is None:
         return None
-    data = read_json(state_dir / STATE_FILE)
-    if data.get("query_ids") != list(ids):
-        raise RuntimeError(
-            f"{state_dir}: saved hint_infer state is for other problems; remove the folder to "
-            "start this part again"
-        )
+    data = read_loop_state(state_dir / STATE_FILE, ids, "hint_infer")
+    if data is None:
+        return None
     return LoopState(
         rounds=int(data["rounds"]),
         calls=int(data["calls"]),
@@ -680,23 +674,6 @@ def verifier_input(text: str, verifier: str, entry_point: str | None) -> str:
     return f"```python\n{program}\n```" if program is not None else strip_outputs(text)
 
 
-def verify_texts(
-    verifier: Verifier, pairs: Sequence[tuple[str, str]], workers: int
-) -> list[Verdict]:
-    """Verify (response, reference) pairs in threads; a checker that raises counts as an error."""
-
-    def one(pair: tuple[str, str]) -> Verdict:
-        try:
-            return verifier(*pair)
-        except Exception as exc:  # a checker must never take the batch down
-            return Verdict(correct=False, extracted=None, reason=f"verifier_error: {exc!r}"[:200])
-
-    if workers <= 1 or len(pairs) < 2:
-        return [one(p) for p in pairs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, pairs))
-
-
 def drop_reason(
     t: Trajectory, verdict: Verdict, *, cfg: HintInferConfig, repetition: float
 ) -> str | None:
@@ -801,7 +778,7 @@ class HintInfer(MapStage):
     def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         cfg = self.cfg
         engine = ctx.engine()
-        usable, rejected = self._usable_rows(batch.to_dicts())
+        usable, rejected = usable_queries(batch.to_dicts(), self._bad_entry_point)
         max_len = cfg.max_model_len or getattr(engine.inner, "max_model_len", None)
         if not isinstance(max_len, int):
             raise ValueError(
@@ -816,12 +793,7 @@ class HintInfer(MapStage):
             )
             for row in usable
         ]
-        bar = tqdm(
-            desc=f"{self.name} part {ctx.part_index}",
-            unit="round",
-            disable=not ctx.show_progress,
-            leave=False,
-        )
+        bar = round_bar(self.name, ctx)
 
         def progress(state: LoopState) -> None:
             bar.update(1)
@@ -855,25 +827,12 @@ class HintInfer(MapStage):
         return merge_stats(parts)
 
     # ---- input and output ------------------------------------------------------------------
-    def _usable_rows(
-        self, rows: Sequence[dict[str, Any]]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        usable: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = []
-        seen: set[str] = set()
+    def _bad_entry_point(self, row: dict[str, Any]) -> str | None:
         column = self.cfg.entry_point_column
-        for row in rows:
-            entry = row.get(column) if column else None
-            if row.get("reference") is None:
-                rejected.append({**row, DROP_REASON: "no_reference"})
-            elif column and not (isinstance(entry, str) and entry.isidentifier()):
-                rejected.append({**row, DROP_REASON: "bad_entry_point"})
-            elif row["id"] in seen:
-                rejected.append({**row, DROP_REASON: "duplicate_query"})
-            else:
-                seen.add(row["id"])
-                usable.append(row)
-        return usable, rejected
+        entry = row.get(column) if column else None
+        if column and not (isinstance(entry, str) and entry.isidentifier()):
+            return "bad_entry_point"
+        return None
 
     def _emit(
         self, rows: Sequence[dict[str, Any]], state: LoopState, *, model: str
@@ -900,7 +859,7 @@ class HintInfer(MapStage):
             (verifier_input(state.baselines[q].text, cfg.verifier, entry[q]), refs[q])
             for q in base_ids
         ]
-        verdicts = verify_texts(verifier, pairs, cfg.verify_workers)
+        verdicts = verify_many(verifier, pairs, cfg.verify_workers)
         traj_verdicts = verdicts[: len(trajs)]
         base = dict(zip(base_ids, verdicts[len(trajs) :], strict=True))
         greedy_ok = {

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import polars as pl
-from tqdm import tqdm
 
 from gristmill.engines.base import Message
 from gristmill.pipelines.stage import ROW_COLUMN, MapStage, StageConfig, StageContext
@@ -37,8 +36,10 @@ from gristmill.synth.sampling import (
     Query,
     Sample,
     SamplingSpec,
+    round_bar,
     run_rounds,
     samples_by_query,
+    usable_queries,
 )
 from gristmill.verify import get_verifier
 from gristmill.verify.base import Verifier
@@ -193,18 +194,7 @@ class VerifiedSampler(MapStage):
     def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         cfg = self.solve_config
         engine = ctx.engine()
-        rows = batch.to_dicts()
-        usable: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = []
-        seen_ids: set[str] = set()
-        for row in rows:
-            if row.get("reference") is None:
-                rejected.append({**row, DROP_REASON: "no_reference"})
-            elif row["id"] in seen_ids:
-                rejected.append({**row, DROP_REASON: "duplicate_query"})
-            else:
-                seen_ids.add(row["id"])
-                usable.append(row)
+        usable, rejected = usable_queries(batch.to_dicts())
         queries = [
             Query(
                 id=row["id"],
@@ -213,12 +203,7 @@ class VerifiedSampler(MapStage):
             )
             for row in usable
         ]
-        bar = tqdm(
-            desc=f"{self.name} part {ctx.part_index}",
-            unit="round",
-            disable=not ctx.show_progress,
-            leave=False,
-        )
+        bar = round_bar(self.name, ctx)
 
         def progress(state: LoopState) -> None:
             covered = sum(1 for c in state.counters.values() if c.correct > 0)

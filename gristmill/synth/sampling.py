@@ -15,17 +15,18 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import polars as pl
+from tqdm import tqdm
 
 from gristmill.engines.base import Sampling
-from gristmill.pipelines.checkpoint import atomic_write_json, atomic_write_parquet, read_json
-from gristmill.pipelines.stage import MeteredEngine
-from gristmill.verify.base import Verdict, Verifier
+from gristmill.pipelines.checkpoint import atomic_write_parquet, read_loop_state, write_loop_state
+from gristmill.pipelines.stage import MeteredEngine, StageContext
+from gristmill.records import DROP_REASON
+from gristmill.verify.base import Verifier, verify_many
 
 log = logging.getLogger("gristmill.sampling")
 
@@ -159,27 +160,22 @@ def save_round(
         },
     )
     atomic_write_parquet(frame, _samples_file(state_dir, state.rounds - 1))
-    atomic_write_json(
-        {
-            "rounds": state.rounds,
-            "calls": state.calls,
-            "query_ids": list(ids),
-            "counters": {k: asdict(v) for k, v in state.counters.items()},
-        },
+    write_loop_state(
         state_dir / STATE_FILE,
+        ids,
+        rounds=state.rounds,
+        calls=state.calls,
+        counters={k: asdict(v) for k, v in state.counters.items()},
     )
 
 
 def load_state(state_dir: Path | None, ids: Sequence[str]) -> LoopState | None:
     """The state of an interrupted run of the same queries, or None to start fresh."""
-    if state_dir is None or not (state_dir / STATE_FILE).exists():
+    if state_dir is None:
         return None
-    data = read_json(state_dir / STATE_FILE)
-    if data.get("query_ids") != list(ids):
-        raise RuntimeError(
-            f"{state_dir}: saved sampling state is for other queries; remove the folder to "
-            "start this part again"
-        )
+    data = read_loop_state(state_dir / STATE_FILE, ids, "sampling")
+    if data is None:
+        return None
     samples: list[Sample] = []
     for r in range(int(data["rounds"])):
         path = _samples_file(state_dir, r)
@@ -193,6 +189,42 @@ def load_state(state_dir: Path | None, ids: Sequence[str]) -> LoopState | None:
         counters={k: Counter(**v) for k, v in data["counters"].items()},
         samples=samples,
         calls=int(data.get("calls", 0)),
+    )
+
+
+# ---- what a stage feeds the loop ------------------------------------------------------------
+
+
+def usable_queries(
+    rows: Sequence[dict[str, Any]], check: Callable[[dict[str, Any]], str | None] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows to sample for, and the others with their `drop_reason`: `no_reference`, the
+    reason `check` returns, or `duplicate_query` for an id seen earlier in the part."""
+    usable: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for row in rows:
+        if row.get("reference") is None:
+            reason: str | None = "no_reference"
+        elif check is not None and (reason := check(row)) is not None:
+            pass
+        elif row["id"] in seen:
+            reason = "duplicate_query"
+        else:
+            seen.add(row["id"])
+            usable.append(row)
+            continue
+        rejected.append({**row, DROP_REASON: reason})
+    return usable, rejected
+
+
+def round_bar(stage: str, ctx: StageContext) -> tqdm[Any]:
+    """A progress bar counting a part's rounds (hidden when the run shows no progress)."""
+    return tqdm(
+        desc=f"{stage} part {ctx.part_index}",
+        unit="round",
+        disable=not ctx.show_progress,
+        leave=False,
     )
 
 
@@ -250,7 +282,7 @@ def run_rounds(
             for qid, seed, cands in zip(order, seeds, outs, strict=True)
             for j, c in enumerate(cands)
         ]
-        verdicts = _verify_all(
+        verdicts = verify_many(
             verifier, [(c.text, by_id[qid].reference) for qid, _, _, c in jobs], verify_workers
         )
         new: list[Sample] = []
@@ -291,23 +323,6 @@ def run_rounds(
             save_round(state_dir, state, new, ids)
         if progress is not None:
             progress(state)
-
-
-def _verify_all(
-    verifier: Verifier, pairs: Sequence[tuple[str, str]], workers: int
-) -> list[Verdict]:
-    """Verify many (response, reference) pairs; a verifier that raises counts as an error."""
-
-    def one(pair: tuple[str, str]) -> Verdict:
-        try:
-            return verifier(*pair)
-        except Exception as exc:  # a checker must never take the batch down
-            return Verdict(correct=False, extracted=None, reason=f"verifier_error: {exc!r}"[:200])
-
-    if workers <= 1 or len(pairs) < 2:
-        return [one(p) for p in pairs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, pairs))
 
 
 def samples_by_query(state: LoopState) -> dict[str, list[Sample]]:

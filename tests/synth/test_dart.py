@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+from scripted import ScriptedBase
 
-from gristmill.engines.base import Completion, Messages, Sampling, per_prompt
+from gristmill.engines.base import Completion, Sampling
 from gristmill.pipelines.stage import StageContext
 from gristmill.records import DROP_REASON, make_record, records_frame, validate_frame
 from gristmill.synth.dart import Dart, DartConfig, prop2diff_target
@@ -31,23 +32,18 @@ def _unit(*keys: object) -> float:
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
-@dataclass
-class ScriptedEngine:
+@dataclass(kw_only=True)
+class ScriptedEngine(ScriptedBase):
     """Answers `q-*` questions right with probability SKILL[q], decided by the request seed, so
     results depend only on (question, seed) like a seeded real engine. Records every call."""
 
-    fail_on_call: int | None = None
     model_id: str = "scripted/solver"
-    calls: list[list[tuple[str, Sampling]]] = field(default_factory=list)
     truncate_wrong: bool = False
 
     def generate(
         self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling]
     ) -> list[list[Completion]]:
-        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
-            raise RuntimeError("engine died (scripted)")
-        params = per_prompt(sampling, len(prompts))
-        self.calls.append(list(zip(prompts, params, strict=True)))
+        params = self.record(prompts, sampling)
         out = []
         for prompt, s in zip(prompts, params, strict=True):
             q = next(k for k in SKILL if k in prompt)
@@ -62,19 +58,6 @@ class ScriptedEngine:
                 cands.append(Completion(text, finish, len(prompt.split()), 12))
             out.append(cands)
         return out
-
-    def prompt_logprobs(self, texts: Sequence[str]) -> list[list[float | None]]:
-        raise NotImplementedError
-
-    def chat_prompt(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    @property
-    def chat_template(self) -> str | None:
-        return None
 
 
 def queries(names: Sequence[str] = tuple(SKILL), **extra: Any) -> pl.DataFrame:

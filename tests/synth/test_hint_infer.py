@@ -15,8 +15,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from scripted import ScriptedBase
 
-from gristmill.engines.base import Completion, EngineStats, Messages, Sampling, per_prompt
+from gristmill.engines.base import Completion, EngineStats, Sampling
 from gristmill.engines.factory import EngineSpec
 from gristmill.pipelines.recipe import RecipeError, load_recipe, recipe_from_mapping
 from gristmill.pipelines.stage import MeteredEngine, StageContext
@@ -52,23 +53,18 @@ def _words(text: str) -> int:
 
 
 @dataclass
-class ScriptedEngine:
+class ScriptedEngine(ScriptedBase):
     """Continues raw prompts with a script, applying stop strings and max_tokens as vLLM does
     (stop string excluded from the text, `Completion.stop` naming it). A token is a word."""
 
     script: Script
     max_model_len: int | None = 4096
-    fail_on_call: int | None = None
-    model_id: str = "scripted/start"
-    calls: list[list[tuple[str, Sampling]]] = field(default_factory=list)
+    model_id: str = field(default="scripted/start", kw_only=True)
 
     def generate(
         self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling]
     ) -> list[list[Completion]]:
-        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
-            raise RuntimeError("engine died (scripted)")
-        params = per_prompt(sampling, len(prompts))
-        self.calls.append(list(zip(prompts, params, strict=True)))
+        params = self.record(prompts, sampling)
         out = []
         for prompt, s in zip(prompts, params, strict=True):
             user, _, so_far = prompt.partition("<assistant>")
@@ -85,19 +81,6 @@ class ScriptedEngine:
             tokens = min(len(spans), s.max_tokens)
             out.append([Completion(cut, finish, _words(prompt), tokens, stop)])  # type: ignore[arg-type]
         return out
-
-    def prompt_logprobs(self, texts: Sequence[str]) -> list[list[float | None]]:
-        raise NotImplementedError
-
-    def chat_prompt(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-
-    def count_tokens(self, text: str) -> int:
-        return _words(text)
-
-    @property
-    def chat_template(self) -> str | None:
-        return None
 
 
 def solver(user: str, so_far: str) -> str:
