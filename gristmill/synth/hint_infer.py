@@ -61,7 +61,7 @@ from gristmill.pipelines.stage import ROW_COLUMN, MapStage, MeteredEngine, Stage
 from gristmill.records import CORE_COLUMNS, DROP_REASON, make_record, records_frame
 from gristmill.sandbox import CellResult, Limits, SandboxPool, isolation
 from gristmill.synth.hints import Hint, cut_final_answer, hints_for
-from gristmill.synth.sampling import round_bar, usable_queries
+from gristmill.synth.sampling import round_bar, usable_queries, with_rejected
 from gristmill.verify import get_verifier
 from gristmill.verify.base import Verdict, verify_many
 from gristmill.verify.code import humaneval_reference
@@ -818,10 +818,7 @@ class HintInfer(MapStage):
         out = self._emit(usable, state, model=engine.model_id)
         ctx.extra_stats.update(_stats(out, state, len(usable)))
         ctx.extra_stats["sandbox"] = isolation()  # how cells were cut off from the network
-        frames = [out]
-        if rejected:
-            frames.append(pl.DataFrame(rejected, infer_schema_length=None))
-        return pl.concat(frames, how="diagonal_relaxed")
+        return with_rejected(out, rejected)
 
     def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return merge_stats(parts)

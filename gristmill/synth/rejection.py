@@ -40,6 +40,7 @@ from gristmill.synth.sampling import (
     run_rounds,
     samples_by_query,
     usable_queries,
+    with_rejected,
 )
 from gristmill.verify import get_verifier
 from gristmill.verify.base import Verifier
@@ -234,10 +235,7 @@ class VerifiedSampler(MapStage):
         ctx.extra_stats.update(
             bucket_stats(usable, state, kept, bucket_of=self._bucket_fn(state), calls=state.calls)
         )
-        frames = [out]
-        if rejected:
-            frames.append(pl.DataFrame(rejected, infer_schema_length=None))
-        return pl.concat(frames, how="diagonal_relaxed")
+        return with_rejected(out, rejected)
 
     def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return merge_bucket_stats(parts)

@@ -218,6 +218,15 @@ def usable_queries(
     return usable, rejected
 
 
+def with_rejected(out: pl.DataFrame, rejected: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    """A stage's output rows followed by the input rows it set aside (with `drop_reason`)."""
+    if not rejected:
+        return out
+    return pl.concat(
+        [out, pl.DataFrame(rejected, infer_schema_length=None)], how="diagonal_relaxed"
+    )
+
+
 def round_bar(stage: str, ctx: StageContext) -> tqdm[Any]:
     """A progress bar counting a part's rounds (hidden when the run shows no progress)."""
     return tqdm(
