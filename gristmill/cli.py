@@ -1,4 +1,4 @@
-"""`gristmill run | serve | query | report | models`: the command line."""
+"""`gristmill run | check | stages | serve | query | report | models`: the command line."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ ENV_DEFAULTS = {
 }
 
 
+#: Commands whose every child process (Prefect's temporary server, Dask workers, engines,
+#: flow runs) is killed if the command is: see `gristmill.reaper.watch_tree`.
+WATCHED_COMMANDS = ("run", "serve")
+
+
 def _setenv() -> None:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -29,14 +34,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gristmill.catalog import query, render
     from gristmill.flows.options import retry_from_args, runner_from_args
     from gristmill.flows.recipe import run_recipe
-    from gristmill.flows.ref import load_flow_recipe
+    from gristmill.pipelines.recipe import Recipe
 
-    load_flow_recipe(args.recipe, args.set)  # fail fast on a bad recipe, before Prefect starts
+    recipe = Recipe.from_yaml(args.recipe, args.set)  # a bad recipe fails before Prefect starts
     start = time.perf_counter()
     dataset = run_recipe(
-        args.recipe,
+        recipe,
         args.out,
-        args.set,
         runner=runner_from_args(args),
         retry=retry_from_args(args),
         show_progress=not args.no_progress,
@@ -53,6 +57,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
     print(f'query it: gristmill query --run {args.out} "select * from dataset limit 5"')
     print(f"wall time: {wall:.1f}s")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Load and validate recipes without running them; print each resolved (`--resolved`)."""
+    from gristmill.pipelines.recipe import Recipe
+
+    for path in args.recipes:
+        recipe = Recipe.from_yaml(path, args.set)
+        keys = ", ".join(type(s).name for s in recipe.stages)
+        print(f"{path}: ok ({len(recipe.stages)} stages: {keys})")
+        if args.resolved:
+            print(recipe.to_yaml())
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    """List the built-in stages with their config fields, or one stage (built-in or a path)."""
+    from gristmill.stages import BUILTIN, describe, resolve_stage, stage_table
+
+    if args.markdown:
+        print(stage_table())
+    elif args.stage:
+        print(describe(resolve_stage(args.stage, where="gristmill stages")))
+    else:
+        print("\n\n".join(describe(cls) for cls in BUILTIN))
     return 0
 
 
@@ -110,8 +140,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Prepare or show the bundled model."""
-    from gristmill.engines.models import DEFAULT_MODEL, models_dir, prepare_model
+    """Prepare a bundled model, or list the bundled and the prepared ones."""
+    from gristmill.engines.models import (
+        BUNDLED,
+        DEFAULT_MODEL,
+        models_dir,
+        prepare_model,
+        read_marker,
+    )
 
     match args.action:
         case "prepare":
@@ -125,7 +161,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                 if root.exists()
                 else []
             )
-            print(f"bundled: {DEFAULT_MODEL}")
+            print("bundled:")
+            width = max(len(name) for name in BUNDLED)
+            for name, spec in BUNDLED.items():
+                state = "prepared" if read_marker(root / name) else "not prepared"
+                default = " (default)" if name == DEFAULT_MODEL else ""
+                print(f"  {name:<{width}}  {spec.description}{default} [{state}]")
             print(f"prepared in {root}: {', '.join(names) or 'none'}")
     return 0
 
@@ -151,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_runner_arguments(run)
     run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="load and validate recipes without running them")
+    check.add_argument("recipes", nargs="+", help="recipe YAML files")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--resolved", action="store_true", help="print each resolved recipe")
+    check.set_defaults(func=cmd_check)
+
+    stages = sub.add_parser("stages", help="list stages and their config fields")
+    stages.add_argument("stage", nargs="?", help="one stage: a built-in name or module:Class")
+    stages.add_argument("--markdown", action="store_true", help="the README's stage table")
+    stages.set_defaults(func=cmd_stages)
 
     serve = sub.add_parser(
         "serve", help="serve recipes as scheduled Prefect deployments (needs PREFECT_API_URL)"
@@ -202,9 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `gristmill` command."""
+    """Entry point of the `gristmill` command.
+
+    Run as the command (no `argv`), `run` and `serve` first start a watcher that kills every
+    process they start once they die, even by `kill -9`; called from Python with `argv`,
+    the process is the caller's, and so are its children.
+    """
     _setenv()
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in WATCHED_COMMANDS:
+        from gristmill.reaper import watch_tree
+
+        watch_tree()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

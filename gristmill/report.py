@@ -1,11 +1,14 @@
 """`gristmill report DIR`: one self-contained HTML page of plots about a run.
 
-The page names the run, recipe, seed, models and wall time, then plots what the run holds:
-the per-stage funnel with drops by reason, a histogram per `score__*` column, cluster sizes
-and a 2-D PCA projection of the embeddings, DART difficulty vs trials and coverage, length
-distributions, and time and engine throughput per stage. Plots are matplotlib PNGs inlined
-as base64 `data:` URIs; there is no script and nothing is fetched when the page is viewed.
-A piece the run does not have (no embeddings, no scores, no engine) becomes a short note.
+The page names the run, recipe, seed, models and wall time, then shows what the run holds:
+the per-stage funnel with drops by reason; example rows each stage kept and dropped (per
+reason), with their scores, labels and model; candidates of a few instructions side by side
+(`generate`, `grape`, the winner marked); the label mix of labelling stages; a histogram per
+`score__*` column, cluster sizes and a 2-D PCA projection of the embeddings, DART difficulty
+vs trials and coverage, length distributions, and time and engine throughput per stage.
+Plots are matplotlib PNGs inlined as base64 `data:` URIs; every row's text is HTML-escaped;
+there is no script and nothing is fetched when the page is viewed. A piece the run does not
+have (no embeddings, no scores, no engine) becomes a short note.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from gristmill.catalog import RunFolder, StageFolder, read_run_folder, run_times
+from gristmill.catalog import RunFolder, StageFolder, read_run_folder, run_times, stage_models
 from gristmill.pipelines.checkpoint import atomic_write_text, parquet_rows
-from gristmill.records import SCORE_PREFIX
+from gristmill.records import DROP_REASON, SCORE_PREFIX
 
 REPORT_NAME = "report.html"
 #: Most points drawn in the embedding projection (a seeded sample beyond that).
@@ -41,6 +44,21 @@ TRIALS_COLUMNS = ("query_trials", "trials")
 CORRECT_COLUMNS = ("query_correct", "correct")
 EMBEDDING = "embedding"
 CLUSTER = "cluster"
+#: Example rows shown per stage: kept rows, and dropped rows per drop reason.
+MAX_EXAMPLES = 5
+#: Characters of a response (and of a prompt) an example shows before an ellipsis.
+RESPONSE_CHARS = 400
+PROMPT_CHARS = 600
+#: Instructions whose candidates are shown side by side, and candidates per instruction.
+MAX_GROUPS = 3
+MAX_CANDIDATES = 6
+#: Stage keys whose rows are candidates of an instruction (grouped by `parent_id`).
+CANDIDATE_STAGES = ("generate", "grape")
+GRAPE = "grape"
+GRAPE_SCORE = "score__grape"
+RANK = "grape_rank"
+PROB_SUFFIX = "_prob"
+KEPT = "__kept"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,13 +74,15 @@ class Plot:
 
 @dataclass(frozen=True, kw_only=True)
 class Section:
-    """A titled part of the report: plots, notes for missing pieces, optional HTML table."""
+    """A titled part of the report: plots, notes for missing pieces, optional HTML table
+    and other HTML (already escaped) after it."""
 
     id: str
     title: str
     plots: tuple[Plot, ...] = ()
     notes: tuple[str, ...] = ()
     table: str = ""
+    html: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +123,9 @@ def report_sections(run: RunFolder) -> list[Section]:
     final_ids = _final_ids(folders)
     return [
         funnel_section(run),
+        examples_section(folders),
+        candidates_section(run, folders),
+        labels_section(run),
         scores_section(folders, final_ids),
         clusters_section(run, folders, final_ids),
         *difficulty_sections(run, folders),
@@ -180,6 +203,73 @@ def funnel_section(run: RunFolder) -> Section:
         right.text(0.5, 0.5, "no stage dropped rows", ha="center", transform=right.transAxes)
     plot = _plot("plot-funnel", fig, "Rows after each step (left) and drops per stage (right).")
     return Section(id="funnel", title="Funnel", plots=(plot,), table=table)
+
+
+def examples_section(folders: Sequence[Folder]) -> Section:
+    """Per stage, the first rows it kept and the first it dropped for each reason."""
+    blocks = [b for b in (_stage_examples(f) for f in folders[1:]) if b]
+    if not blocks:
+        return Section(id="examples", title="Examples", notes=("No stage has written rows yet.",))
+    intro = (
+        f"<p>Per stage, the first {MAX_EXAMPLES} rows it kept and the first {MAX_EXAMPLES} it "
+        f"dropped for each reason, in file order, with their scores, labels and model; "
+        f"responses are cut at {RESPONSE_CHARS} characters.</p>"
+    )
+    return Section(id="examples", title="Examples", html=intro + "\n".join(blocks))
+
+
+def candidates_section(run: RunFolder, folders: Sequence[Folder]) -> Section:
+    """Candidates of a few instructions side by side, for stages that make or pick them."""
+    blocks = []
+    for stage, folder in zip(run.stages, folders[1:], strict=True):
+        kind = _stage_key(stage)
+        if kind in CANDIDATE_STAGES and "parent_id" in folder.columns:
+            blocks.append(_candidate_block(kind, folder))
+    if not blocks:
+        note = "No stage made or chose between candidates of an instruction (generate, grape)."
+        return Section(id="candidates", title="Candidates", notes=(note,))
+    intro = (
+        f"<p>Up to {MAX_GROUPS} instructions with several candidates (rows sharing a "
+        "<code>parent_id</code>), each shown once with its candidates side by side; for "
+        "<code>grape</code> the kept candidate is the winner.</p>"
+    )
+    return Section(id="candidates", title="Candidates", html=intro + "\n".join(blocks))
+
+
+def labels_section(run: RunFolder) -> Section:
+    """Label counts of each stage whose stats hold a `labels` mix (a judge in label mode)."""
+    plots, tables = [], []
+    for stage in run.stages:
+        success = stage.success or {}
+        labels = (success.get("extra") or {}).get("labels")
+        if not isinstance(labels, Mapping) or not labels:
+            continue
+        counts = sorted(((str(k), int(v)) for k, v in labels.items()), key=lambda x: (-x[1], x[0]))
+        label = f"{stage.index:02d} {stage.name}"
+        column = str((success.get("config") or {}).get("name") or "label")
+        total = sum(n for _, n in counts)
+        tables.append(
+            _table(
+                [f"{label}: {column}", "rows", "share"],
+                [[k, str(n), f"{100 * n / total:.1f}%" if total else "-"] for k, n in counts],
+            )
+        )
+        fig, (ax,) = _figure(7, max(1.6, 0.8 + 0.3 * len(counts)))
+        y = np.arange(len(counts))
+        ax.barh(y, [n for _, n in counts], color="#4c72b0")
+        ax.set_yticks(y, [k for k, _ in counts])
+        ax.invert_yaxis()
+        ax.set_xlabel("rows")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        for yi, (_, n) in zip(y, counts, strict=True):
+            ax.text(n, yi, f" {n}", va="center", fontsize=8)
+        ax.set_xlim(0, max([n for _, n in counts] + [1]) * 1.15)
+        caption = f"{label}: the label mix of {total} rows (column `{column}`)."
+        plots.append(_plot(f"plot-labels-{stage.index:02d}", fig, caption))
+    if not plots:
+        note = "No stage labelled rows (no `labels` counts in a stage's stats)."
+        return Section(id="labels", title="Label mix", notes=(note,))
+    return Section(id="labels", title="Label mix", plots=tuple(plots), table="".join(tables))
 
 
 def scores_section(folders: Sequence[Folder], final_ids: set[str]) -> Section:
@@ -582,6 +672,199 @@ def _difficulty_section(
     )
 
 
+# ---- examples and candidates ----------------------------------------------------------------
+
+
+def _stage_key(stage: StageFolder) -> str:
+    """The stage's recipe key (`generate`, `grape`, ...) once finished, else its name."""
+    return str((stage.success or {}).get("key") or stage.name)
+
+
+def _stage_examples(folder: Folder) -> str:
+    """A stage's collapsible block of kept and dropped examples ('' when it has no rows)."""
+    n_kept = sum(parquet_rows(p) for p in _nonempty(folder.kept))
+    reasons = _reason_counts(_read_columns(folder.dropped, [DROP_REASON]))
+    if not n_kept and not reasons:
+        return ""
+    columns = _example_columns(folder.columns)
+    kept = _first_rows(folder.kept, columns, MAX_EXAMPLES)
+    parts = [f"<h3>kept: {_shown(kept.height, n_kept)}</h3>", _examples(kept, columns)]
+    dropped = _first_rows(folder.dropped, columns, MAX_EXAMPLES, per=DROP_REASON)
+    for reason, n in reasons:
+        rows = dropped.filter(pl.col(DROP_REASON) == reason)
+        parts.append(f"<h3>dropped, {html.escape(reason)}: {_shown(rows.height, n)}</h3>")
+        parts.append(_examples(rows, columns, dropped=True))
+    why = ", ".join(f"{r}: {n}" for r, n in reasons)
+    summary = (
+        f"<b>{html.escape(folder.label)}</b>: {n_kept} kept, "
+        f"{sum(n for _, n in reasons)} dropped" + (f" ({html.escape(why)})" if why else "")
+    )
+    return f'<details class="stage"><summary>{summary}</summary>{"".join(parts)}</details>'
+
+
+def _reason_counts(frame: pl.DataFrame) -> list[tuple[str, int]]:
+    """(drop reason, rows) pairs, most rows first."""
+    if DROP_REASON not in frame.columns:
+        return []
+    counts = frame[DROP_REASON].drop_nulls().cast(pl.String).value_counts()
+    pairs = [(str(r), int(n)) for r, n in counts.iter_rows()]
+    return sorted(pairs, key=lambda x: (-x[1], x[0]))
+
+
+def _shown(shown: int, total: int) -> str:
+    if total == 0:
+        return "none"
+    return f"{total} rows" + (f", the first {shown} shown" if shown < total else "")
+
+
+def _example_columns(columns: frozenset[str]) -> list[str]:
+    """What an example reads: text, model, drop reason, then its score and label columns."""
+    return ["prompt", "response", "model", DROP_REASON, *_value_columns(columns)]
+
+
+def _value_columns(columns: frozenset[str]) -> list[str]:
+    """`score__*` columns, then each `<x>_prob` after its label column `<x>` (when present)."""
+    out = sorted(c for c in columns if c.startswith(SCORE_PREFIX))
+    for col in sorted(c for c in columns if c.endswith(PROB_SUFFIX) and c != PROB_SUFFIX):
+        base = col.removesuffix(PROB_SUFFIX)
+        out += [base, col] if base in columns else [col]
+    return out
+
+
+def _examples(frame: pl.DataFrame, columns: Sequence[str], *, dropped: bool = False) -> str:
+    """Example cards for the rows of `frame`."""
+    values = [c for c in _value_columns(frozenset(frame.columns)) if c in columns]
+    cards = []
+    for row in frame.iter_rows(named=True):
+        tags = _tags(row, values, reason=dropped)
+        cards.append(
+            f'<div class="ex{" drop" if dropped else ""}">{tags}'
+            f'<p class="text"><b>prompt</b> {_excerpt(row.get("prompt"), PROMPT_CHARS)}</p>'
+            f'<p class="text"><b>response</b> {_excerpt(row.get("response"), RESPONSE_CHARS)}'
+            "</p></div>"
+        )
+    return "".join(cards)
+
+
+def _tags(row: Mapping[str, Any], values: Sequence[str], *, reason: bool) -> str:
+    """A row's model, scores, labels (with their probability) and drop reason, as chips."""
+    chips = []
+    if reason and row.get(DROP_REASON) is not None:
+        chips.append(f'<span class="reason">{html.escape(str(row[DROP_REASON]))}</span>')
+    if row.get("model") is not None:
+        chips.append(f"<span>model: {html.escape(str(row['model']))}</span>")
+    for col in values:
+        value = row.get(col)
+        prob = row.get(col + PROB_SUFFIX)
+        if value is None or (col.endswith(PROB_SUFFIX) and col.removesuffix(PROB_SUFFIX) in row):
+            continue
+        text = f"{col}: {_value(value)}" + (f" ({_value(prob)})" if prob is not None else "")
+        chips.append(f"<span>{html.escape(text)}</span>")
+    return f'<div class="tags">{"".join(chips)}</div>' if chips else ""
+
+
+def _value(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _excerpt(text: Any, limit: int) -> str:
+    """`text` cut to `limit` characters with an ellipsis, HTML-escaped ('(none)' if null)."""
+    if text is None:
+        return '<span class="note">(none)</span>'
+    t = str(text).strip()
+    return html.escape(t if len(t) <= limit else t[:limit].rstrip() + "…")
+
+
+def _candidate_block(kind: str, folder: Folder) -> str:
+    """The first instructions of a stage with several candidates, each with them in a grid."""
+    ids = folder.read(["parent_id"])  # kept rows first, so groups come in the kept order
+    groups = (
+        ids.drop_nulls().group_by("parent_id", maintain_order=True).len().filter(pl.col("len") > 1)
+        if "parent_id" in ids.columns
+        else pl.DataFrame({"parent_id": [], "len": []})
+    )
+    head = f'<details class="stage" open><summary><b>{html.escape(folder.label)}</b>: '
+    if groups.height == 0:
+        return head + "no instruction has more than one candidate</summary></details>"
+    chosen = groups["parent_id"].head(MAX_GROUPS).to_list()
+    columns = [*_example_columns(folder.columns), "parent_id", "engine", "candidate", RANK]
+    where = pl.col("parent_id").is_in(chosen)
+    frames = [
+        f.with_columns(pl.lit(kept).alias(KEPT))
+        for f, kept in (
+            (_read_columns(folder.kept, columns, where), True),
+            (_read_columns(folder.dropped, columns, where), False),
+        )
+        if f.height
+    ]
+    rows = pl.concat(frames, how="diagonal_relaxed")
+    if RANK in rows.columns:
+        rows = rows.sort(RANK, nulls_last=True, maintain_order=True)
+    shown = f"the first {len(chosen)} shown" if len(chosen) < groups.height else "all shown"
+    parts = [f"{head}{groups.height} instructions with several candidates, {shown}</summary>"]
+    for parent in chosen:
+        group = rows.filter(pl.col("parent_id") == parent)
+        parts.append(_candidate_group(kind, group))
+    return "".join(parts) + "</details>"
+
+
+def _candidate_group(kind: str, group: pl.DataFrame) -> str:
+    """One instruction, shown once, and its candidates side by side."""
+    cards = []
+    for row in group.head(MAX_CANDIDATES).iter_rows(named=True):
+        win = kind == GRAPE and row[KEPT]
+        chips = ['<span class="win">winner</span>'] if win else []
+        if not row[KEPT] and row.get(DROP_REASON) is not None:
+            chips.append(f'<span class="reason">{html.escape(str(row[DROP_REASON]))}</span>')
+        facts = [
+            _facts(row, ("model", "model: {}")),
+            _facts(row, ("engine", "engine {}"), ("candidate", "#{}")),
+            _facts(row, (GRAPE_SCORE, GRAPE_SCORE + ": {}"), (RANK, "rank {}")),
+        ]
+        chips += [f"<span>{html.escape(f)}</span>" for f in facts if f]
+        cls = "cand win" if win else ("cand drop" if not row[KEPT] else "cand")
+        cards.append(
+            f'<div class="{cls}"><div class="tags">{"".join(chips)}</div>'
+            f'<p class="text">{_excerpt(row.get("response"), RESPONSE_CHARS)}</p></div>'
+        )
+    more = group.height - MAX_CANDIDATES
+    extra = f'<p class="note">and {more} more candidates</p>' if more > 0 else ""
+    prompt = _excerpt(group["prompt"][0] if "prompt" in group.columns else None, PROMPT_CHARS)
+    return (
+        f'<div class="group"><p class="text"><b>instruction</b> {prompt}</p>'
+        f'<div class="cands">{"".join(cards)}</div>{extra}</div>'
+    )
+
+
+def _facts(row: Mapping[str, Any], *fields: tuple[str, str]) -> str:
+    """The row's non-null `fields`, each put into its format, joined by commas."""
+    return ", ".join(f.format(_value(row[c])) for c, f in fields if row.get(c) is not None)
+
+
+def _first_rows(
+    paths: Sequence[Path], columns: Sequence[str], n: int, *, per: str | None = None
+) -> pl.DataFrame:
+    """The first `n` rows of the parts in file order (or the first `n` per value of `per`)."""
+    frames: list[pl.DataFrame] = []
+    for path in _nonempty(paths):
+        present = [c for c in columns if c in pq.read_schema(path).names]
+        if not present or (per is not None and per not in present):
+            continue
+        lazy = pl.scan_parquet(path).select(present)
+        frames.append((lazy.head(n) if per is None else lazy.filter(_first_n(per, n))).collect())
+        if per is None and sum(f.height for f in frames) >= n:
+            break
+    if not frames:
+        return pl.DataFrame()
+    frame = pl.concat(frames, how="diagonal_relaxed")
+    return frame.head(n) if per is None else frame.filter(_first_n(per, n))
+
+
+def _first_n(column: str, n: int) -> pl.Expr:
+    """True on the first `n` rows of each value of `column`."""
+    return pl.int_range(pl.len()).over(column) < n
+
+
 # ---- data helpers ---------------------------------------------------------------------------
 
 
@@ -589,12 +872,19 @@ def _nonempty(paths: Sequence[Path]) -> list[Path]:
     return [p for p in paths if p.exists() and parquet_rows(p) > 0]
 
 
-def _read_columns(paths: Sequence[Path], columns: Sequence[str]) -> pl.DataFrame:
+def _read_columns(
+    paths: Sequence[Path], columns: Sequence[str], where: pl.Expr | None = None
+) -> pl.DataFrame:
+    """The wanted columns (those present) of every part, filtered by `where` if given (a
+    part without the columns `where` reads is left out)."""
     frames = []
+    needs = set(where.meta.root_names()) if where is not None else set()
     for path in _nonempty(paths):
-        present = [c for c in columns if c in pq.read_schema(path).names]
-        if present:
-            frames.append(pl.read_parquet(path, columns=present))
+        names = pq.read_schema(path).names
+        present = [c for c in columns if c in names]
+        if present and needs <= set(present):
+            lazy = pl.scan_parquet(path).select(present)
+            frames.append((lazy if where is None else lazy.filter(where)).collect())
     if not frames:
         return pl.DataFrame()
     return pl.concat(frames, how="diagonal_relaxed")
@@ -674,6 +964,21 @@ td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f4f4f4; } figure { margin: 12px 0; } figcaption { color: #555;
      font-size: 13px; } .note { color: #777; font-style: italic; } code { font-size: 12px; }
 img { display: block; max-width: 100%; height: auto; }
+h3 { font-size: 14px; margin: 14px 0 6px; color: #444; }
+details.stage { border: 1px solid #ddd; border-radius: 4px; margin: 8px 0; padding: 4px 12px; }
+details.stage > summary { cursor: pointer; padding: 4px 0; }
+.ex { border-left: 3px solid #4c72b0; background: #f8f9fb; margin: 6px 0; padding: 4px 10px; }
+.ex.drop { border-left-color: #c44e52; background: #fcf7f7; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; margin: 3px 0; font-size: 13px; }
+.text b { color: #666; font-size: 11px; text-transform: uppercase; margin-right: 4px; }
+.tags span { display: inline-block; background: #e8edf5; border-radius: 3px; padding: 0 6px;
+             margin: 2px 4px 2px 0; font-size: 12px; }
+.tags span.reason { background: #f3d6d6; } .tags span.win { background: #55a868; color: #fff;
+             font-weight: 600; }
+.group { margin: 10px 0 14px; } .cands { display: grid; gap: 8px; align-items: start;
+         grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }
+.cand { border: 1px solid #ddd; border-radius: 4px; padding: 4px 8px; }
+.cand.win { border: 2px solid #55a868; background: #f3faf4; } .cand.drop { background: #fafafa; }
 """
 
 
@@ -694,6 +999,7 @@ def _page(run: RunFolder, sections: Sequence[Section]) -> str:
                 f"<figcaption>{html.escape(plot.caption)}</figcaption></figure>"
             )
         body.append(section.table)
+        body.append(section.html)
         body.append("</section>")
     body.append(_provenance(run))
     return (
@@ -704,14 +1010,22 @@ def _page(run: RunFolder, sections: Sequence[Section]) -> str:
     )
 
 
+def _engines_fact(engines: Mapping[str, Any]) -> str:
+    """`vllm: model` for one engine; `name: vllm model; ...` for several."""
+    if len(engines) == 1:
+        (e,) = engines.values()
+        return f"{e.get('backend')}: {e.get('model')}"
+    return "; ".join(f"{n}: {e.get('backend')} {e.get('model')}" for n, e in engines.items())
+
+
 def run_facts(run: RunFolder) -> dict[str, str]:
     """The header facts: run, recipe, seed, models, input, dataset rows, wall time."""
     m = run.manifest or {}
     recipe = m.get("recipe") or {}
     started, finished = run_times(run)
     done = [s.success for s in run.stages if s.success is not None]
-    engine = m.get("engine") or {}
-    models = sorted({str(x) for s in done for x in (s.get("model"), s.get("embedder")) if x})
+    engines = m.get("engines") or ({"default": m["engine"]} if m.get("engine") else {})
+    models = sorted({x for s in done for x in stage_models(s)})
     inp = run.input_success() or {}
     unknown = "unknown (unfinished run: no manifest.json yet)"
     wall = (finished - started).total_seconds() if started and finished else None
@@ -722,9 +1036,7 @@ def run_facts(run: RunFolder) -> dict[str, str]:
         "status": "finished" if run.finished else "unfinished",
         "recipe": f"{recipe['name']} ({recipe.get('path') or 'no file'})" if recipe else unknown,
         "seed": str(m["seed"]) if "seed" in m else unknown,
-        "engine": f"{engine.get('backend')}: {engine.get('model')}"
-        if engine
-        else ("none" if run.finished else unknown),
+        "engine": _engines_fact(engines) if engines else ("none" if run.finished else unknown),
         "embedder": str(m.get("embedder") or unknown),
         "models used": ", ".join(models) or "none",
         "input": f"{inp.get('source', '?')} ({inp.get('rows_out', '?')} rows)",

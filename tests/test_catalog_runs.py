@@ -21,8 +21,8 @@ import pytest
 from gristmill.catalog import find_runs, query, query_runs, run_view_names
 from gristmill.cli import main as cli_main
 from gristmill.pipelines.pipeline import Pipeline
-from gristmill.pipelines.recipe import InputSpec, OutputSpec, Recipe, StageEntry, load_recipe
-from gristmill.pipelines.stage import MapStage, StageConfig, StageContext
+from gristmill.pipelines.recipe import Input, Output, Recipe
+from gristmill.pipelines.stage import Map, StageConfig, StageContext
 from gristmill.records import make_record, records_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ S1 = ["seed=1", "stages.kmeans.budget=20", "stages.heuristics.max_response_words
 
 def make_run(out: Path, overrides: list[str] | None = None) -> Path:
     """Run the engine-free recipe into `out` (what `gristmill run` does, minus Prefect)."""
-    recipe = load_recipe(RECIPE, [f"input.path={ALPACA}", *(overrides or [])])
+    recipe = Recipe.from_yaml(RECIPE, [f"input.path={ALPACA}", *(overrides or [])])
     return Pipeline(recipe, out, show_progress=False).run(lambda _: None)
 
 
@@ -45,7 +45,7 @@ class VariantsConfig(StageConfig):
     as_text: bool = False
 
 
-class Variants(MapStage):
+class Variants(Map):
     """Test stage: derives `copies` records from every row, each with parent_id = the row."""
 
     name = "variants"
@@ -77,19 +77,17 @@ def variants_run(out: Path, *, as_text: bool) -> Path:
         name="variants",
         seed=0,
         part_rows=4,
-        input=InputSpec(
+        input=Input(
             path=str(ALPACA),
-            mapping=(("prompt", "instruction"), ("response", "output"), ("input", "input")),
+            mapping={"prompt": "instruction", "response": "output", "input": "input"},
             limit=4,
         ),
-        engine=None,
         embedder="all-minilm-l6-v2",
         stages=(
-            StageEntry(cls=Variants, config=VariantsConfig(copies=2, as_text=as_text)),
-            StageEntry(cls=Variants, config=VariantsConfig(copies=1, as_text=as_text)),
+            Variants(VariantsConfig(copies=2, as_text=as_text)),
+            Variants(VariantsConfig(copies=1, as_text=as_text)),
         ),
-        output=OutputSpec(),
-        raw={"name": "variants"},
+        output=Output(),
     )
     return Pipeline(recipe, out, show_progress=False).run(lambda _: None)
 
@@ -111,7 +109,7 @@ def root(readme_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("alpaca-s0", "alpaca-s1"):
         (root / name).symlink_to(readme_root / name, target_is_directory=True)
     partial = Pipeline(
-        load_recipe(RECIPE, [f"input.path={ALPACA}", "seed=2"]),
+        Recipe.from_yaml(RECIPE, [f"input.path={ALPACA}", "seed=2"]),
         root / "exp" / "partial",
         show_progress=False,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,10 +13,13 @@ import pytest
 
 from gristmill.sandbox import (
     ISOLATIONS,
+    MEMORY_GUARDS,
+    WEAK_ISOLATIONS,
     Limits,
     SandboxPool,
     available_isolations,
     isolation,
+    memory_guard,
     probe_isolation,
     run_cell,
 )
@@ -25,6 +29,11 @@ NAMESPACED = BEST == "namespace-unshare"
 needs_namespace = pytest.mark.skipif(
     not NAMESPACED, reason=f"only namespace isolation confines this; here: {BEST}"
 )
+REPO = Path(__file__).resolve().parents[1]
+WORKING = [m for m in ISOLATIONS if probe_isolation(m) is None]
+WEAK_HERE = [m for m in WORKING if m in WEAK_ISOLATIONS]
+#: Tiers with the syscall filter (the audit-hook tier has none by definition).
+FILTERED = [m for m in WORKING if m != "socket-denied-audit"]
 # Small limits keep the attack tests fast.
 SMALL = Limits(timeout_s=3, cpu_s=2, memory_mb=256, max_processes=16, output_bytes=1024)
 
@@ -48,7 +57,50 @@ def test_runs_code_and_captures_output() -> None:
     assert (result.stdout, result.stderr) == ("hello\n", "warn\n")
     assert result.exit_code == 0 and result.signal is None and result.reason is None
     assert result.network == BEST and not result.truncated
+    assert result.memory == memory_guard() and result.memory in MEMORY_GUARDS
     assert result.stdout_bytes == 6 and result.stderr_bytes == 5
+    assert result.completed is None  # no epilogue
+
+
+def test_epilogue_runs_after_the_cell_in_its_globals() -> None:
+    done = run_cell("def double(x):\n    return 2 * x\n", epilogue="assert double(2) == 4\n")
+    assert done.ok and done.completed, done.stderr
+    failed = run_cell("def double(x):\n    return x\n", epilogue="assert double(2) == 4\n")
+    assert failed.status == "error" and failed.completed is False
+    assert 'File "epilogue.py", line 1' in failed.stderr
+    assert failed.reason == "exit code 1: AssertionError"
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "import sys\nsys.exit(0)",
+        "import os\nos._exit(0)",
+        "raise SystemExit",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    ],
+)
+def test_exiting_before_the_epilogue_does_not_complete(ending: str) -> None:
+    result = run_cell(f"print('bye')\n{ending}\n", epilogue="print('tests ran')\n")
+    assert result.completed is False and "tests ran" not in result.stdout
+
+
+def test_the_epilogue_and_its_token_are_out_of_the_cells_reach() -> None:
+    # Everything a program can read without inspecting its own interpreter: its files,
+    # argv (also as /proc/self/cmdline), environment and stdin. None of it holds the
+    # epilogue's text; the token never shows, so printing a guess and leaving fails.
+    code = """
+import os, sys
+seen = [open(__file__).read(), repr(sys.argv), repr(dict(os.environ)), sys.stdin.read()]
+seen.append(open("/proc/self/cmdline", "rb").read().decode(errors="replace"))
+seen += [open(name, errors="replace").read() for name in os.listdir(".")]
+print("SECRET" + "-TESTS" in "".join(seen))
+print("0123456789abcdef0123456789abcdef")
+sys.exit(0)
+"""
+    result = run_cell(code, stdin="input", epilogue="'SECRET-TESTS'\n")
+    assert result.stdout.startswith("False\n"), result.stderr
+    assert result.ok and result.completed is False
 
 
 def test_exception_is_an_error_with_a_clean_traceback() -> None:
@@ -142,10 +194,11 @@ def test_infinite_loop_hits_the_wall_clock_limit() -> None:
 
 
 def test_busy_loop_hits_the_cpu_limit() -> None:
+    # The cause, not a CPU figure: a loaded machine measured 0.85 s for a 1 s limit.
     result = run_cell("while True:\n    pass\n", limits=Limits(timeout_s=20, cpu_s=1))
-    assert result.status == "killed" and result.signal == "SIGXCPU"
+    assert result.status == "killed" and result.signal in ("SIGXCPU", "SIGKILL")
     assert result.reason == "cpu limit of 1 s"
-    assert result.cpu_seconds >= 0.9 and result.seconds < 10
+    assert result.seconds < 20
 
 
 @needs_namespace
@@ -193,6 +246,39 @@ def test_memory_bomb_hits_the_address_space_limit() -> None:
     assert (result.reason or "").startswith("memory limit of 256 MiB: MemoryError")
 
 
+@pytest.mark.parametrize("method", WORKING)
+def test_memory_is_limited_for_the_whole_cell_not_per_process(method: str) -> None:
+    # Four processes of 180 MiB each: every one is under the 256 MiB address-space limit,
+    # together they are far over the cell's 256 MiB.
+    code = """
+import os, time
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(180 * 2**20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(5)
+        os._exit(0)
+    children.append(pid)
+print("exits", [os.waitpid(pid, 0)[1] for pid in children])
+"""
+    limits = Limits(timeout_s=20, cpu_s=10, memory_mb=256, max_processes=16)
+    result = run_cell(code, limits=limits, method=method)  # type: ignore[arg-type]
+    assert result.memory in ("cgroup", "rss-watch"), result
+    assert result.status == "killed", result
+    assert (result.reason or "").startswith("memory limit of 256 MiB for the whole cell")
+    assert "exits" not in result.stdout
+
+
+def test_memory_guard_is_reported() -> None:
+    result = run_cell("pass")
+    assert result.memory == memory_guard()
+    if sys.platform.startswith("linux"):
+        assert result.memory in ("cgroup", "rss-watch")
+
+
 def test_big_file_hits_the_file_size_limit() -> None:
     code = "open('big.bin', 'wb').write(b'x' * (3 * 2**20))\n"
     result = run_cell(code, limits=Limits(file_size_mb=1))
@@ -221,6 +307,154 @@ def test_writes_outside_the_working_directory_fail(tmp_path: Path) -> None:
         assert "wrote" not in result.stdout
         assert result.stdout.splitlines()[-1] == "fine"
         assert not any(t.exists() for t in targets)
+
+
+@needs_namespace
+def test_the_checkout_and_the_cells_parent_folder_are_not_visible() -> None:
+    # World-readable canaries in the checkout and in the folder cells' folders are made in;
+    # the cell sees neither, nor the checkout itself, nor its path in /proc/self/mountinfo.
+    with (
+        tempfile.NamedTemporaryFile("w", dir=REPO / "tests", suffix=".canary") as in_repo,
+        tempfile.NamedTemporaryFile("w", dir=tempfile.gettempdir(), suffix=".canary") as in_tmp,
+    ):
+        for canary in (in_repo, in_tmp):
+            canary.write("canary")
+            canary.flush()
+            os.chmod(canary.name, 0o644)
+        code = f"""
+import os
+for path in ({in_repo.name!r}, {in_tmp.name!r}, {str(REPO / "pyproject.toml")!r}):
+    try:
+        print(open(path).read())
+    except OSError as exc:
+        print(type(exc).__name__)
+print(sorted(os.listdir({str(REPO)!r})) if os.path.exists({str(REPO)!r}) else None)
+print(open("/proc/self/mountinfo").read())
+"""
+        result = run_cell(code, limits=SMALL)
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["FileNotFoundError"] * 3, result.stderr
+    # Only the interpreter's own folder is bound in; a venv inside the checkout (as `make`
+    # builds it) makes its first path component the one visible entry of the checkout.
+    venv = Path(os.path.realpath(sys.prefix))
+    inside = venv.is_relative_to(REPO)
+    expected = str([venv.relative_to(REPO).parts[0]]) if inside else "None"
+    assert lines[3] == expected, lines[3]
+    prefix = os.path.realpath(sys.prefix)  # the venv may live inside a checkout
+    for field in " ".join(lines[4:]).split():
+        if field.startswith(str(REPO)):
+            assert field.startswith(prefix), f"mountinfo shows {field}"
+
+
+@needs_namespace
+def test_the_cell_sees_only_what_python_needs() -> None:
+    code = "import os\nprint(sorted(os.listdir('/')))\nprint(sorted(os.listdir('/dev')))\n"
+    result = run_cell(code, limits=SMALL)
+    top, dev = (eval(line) for line in result.stdout.splitlines())
+    assert not {"home", "root", "srv", "var", "opt", "mnt", "sys", "run"} & set(top) - {
+        part for p in (sys.prefix, sys.base_prefix) for part in Path(p).parts[1:2]
+    }, top
+    assert set(dev) <= {"null", "zero", "full", "random", "urandom", "shm", "fd"} | {
+        "stdin",
+        "stdout",
+        "stderr",
+    }
+
+
+@pytest.mark.parametrize("method", FILTERED)
+def test_new_user_namespaces_setns_io_uring_and_vsock_are_refused(method: str) -> None:
+    code = """
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def outcome(result):
+    return "allowed" if result >= 0 else os.strerror(ctypes.get_errno())
+print("unshare", outcome(libc.unshare(0x10000000)))  # CLONE_NEWUSER
+child = libc.syscall(56 if os.uname().machine == "x86_64" else 220, 0x10000000 | 17, 0, 0, 0, 0)
+if child == 0:
+    os._exit(0)
+print("clone", outcome(child))
+print("clone3", outcome(libc.syscall(435, ctypes.create_string_buffer(88), 88)))
+print("setns", outcome(libc.setns(os.open("/proc/self/ns/net", os.O_RDONLY), 0)))
+print("io_uring_setup", outcome(libc.syscall(425, 8, ctypes.create_string_buffer(120))))
+try:
+    socket.socket(40, socket.SOCK_STREAM)  # AF_VSOCK
+    print("vsock allowed")
+except OSError as exc:
+    print("vsock", type(exc).__name__)
+"""
+    result = run_cell(code, limits=SMALL, method=method)  # type: ignore[arg-type]
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == [
+        "unshare Operation not permitted",
+        "clone Operation not permitted",
+        "clone3 Function not implemented",  # glibc then falls back to clone
+        "setns Operation not permitted",
+        "io_uring_setup Operation not permitted",
+        "vsock PermissionError",
+    ]
+
+
+def test_threads_and_subprocesses_still_work_under_the_filter() -> None:
+    code = """
+import subprocess, sys, threading
+box = []
+thread = threading.Thread(target=box.append, args=(1,))
+thread.start(), thread.join()
+out = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+print(box, out.stdout.strip())
+"""
+    result = run_cell(code, limits=SMALL)
+    assert result.stdout == "[1] 42\n", result.stderr
+
+
+@needs_namespace
+def test_a_100k_file_loop_stops_at_the_inode_cap() -> None:
+    code = """
+made = 0
+try:
+    for i in range(100_000):
+        open(f"f{i}", "w").close()
+        made += 1
+except OSError as exc:
+    print("refused", exc.errno)
+print(made)
+"""
+    result = run_cell(code, limits=Limits(timeout_s=30, cpu_s=30, tmpfs_files=1000))
+    refused, made = result.stdout.splitlines()
+    assert refused == "refused 28", result.stderr  # ENOSPC
+    assert int(made) < 1000
+
+
+def test_terminal_escape_sequences_are_escaped_not_passed_through() -> None:
+    code = (
+        "import sys\nprint('a\\x1b[2Jb\\x1b]0;title\\x07c\\rd\\x9b1m\\te')\n"
+        "print('\\x1b[31mred', file=sys.stderr)\n"
+    )
+    result = run_cell(code)
+    assert result.stdout == "a\\x1b[2Jb\\x1b]0;title\\x07c\\x0dd\\x9b1m\te\n"
+    assert result.stderr == "\\x1b[31mred\n"
+    assert not any(ch in result.stdout + result.stderr for ch in "\x1b\x07\r\x9b")
+
+
+@pytest.mark.parametrize("ending", ["print('done')", "while True:\n    pass"])
+@pytest.mark.parametrize("method", WEAK_HERE)
+def test_weak_tiers_kill_what_the_cell_leaves_behind(method: str, ending: str) -> None:
+    # A grandchild in its own session, left when the cell ends and when its deadline does.
+    marker = f"{time.time_ns() % 10**9}.5"
+    code = f"""
+import os
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv("/bin/sleep", ["sleep", "{marker}"])
+    os._exit(0)
+os.wait()
+{ending}
+"""
+    limits = Limits(timeout_s=2, cpu_s=30, memory_mb=256, max_processes=16)
+    result = run_cell(code, limits=limits, method=method)  # type: ignore[arg-type]
+    assert result.status == ("ok" if "print" in ending else "timeout"), result.stderr
+    assert _host_pids_with(f"sleep\0{marker}") == []
 
 
 @needs_namespace
@@ -338,3 +572,48 @@ def test_pool_takes_stdins_and_rejects_a_bare_string() -> None:
         assert [r.stdout for r in results] == ["aa\n", "bb\n", "cc\n"]
         with pytest.raises(TypeError):
             pool.run_many("print(1)")
+
+
+# --- the package --------------------------------------------------------------------------
+
+#: Modules that run inside the launcher, before any sandbox exists.
+LAUNCHER_SIDE = ("launcher", "linux", "rootfs", "supervise")
+
+
+@pytest.mark.parametrize("name", LAUNCHER_SIDE)
+def test_launcher_side_imports_only_the_standard_library(name: str) -> None:
+    import ast
+
+    import gristmill.sandbox
+
+    folder = Path(gristmill.sandbox.__file__).parent
+    tree = ast.parse((folder / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{name}.py: relative import"
+            base = node.module or ""
+            modules = [
+                f"{base}.{a.name}" if base == "gristmill.sandbox" else base for a in node.names
+            ]
+        else:
+            continue
+        for module in modules:
+            top = module.split(".")[0]
+            sibling = module.removeprefix("gristmill.sandbox.")
+            assert top in sys.stdlib_module_names or sibling in LAUNCHER_SIDE, (
+                f"{name}.py imports {module}"
+            )
+
+
+def test_launcher_runs_as_a_plain_script() -> None:
+    import subprocess
+
+    import gristmill.sandbox
+
+    launcher = Path(gristmill.sandbox.__file__).with_name("launcher.py")
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-B", str(launcher)], capture_output=True, text=True, env={}
+    )
+    assert done.returncode == 2 and "usage: launcher.py PLAN_JSON" in done.stderr

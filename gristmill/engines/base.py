@@ -1,14 +1,19 @@
-"""The Engine protocol every LLM backend implements, and its value types.
+"""The Engine protocol every LLM backend implements, its value types, and its errors.
 
 Raw-text prompts are the primitive: Magpie feeds a bare pre-query template, hint-infer
 continues a partial answer. Chat formatting goes through `Engine.chat_prompt`, which uses
 the model's own chat template.
+
+Errors say whether trying again later may help (`is_transient`): a server answering 5xx or
+429, a timeout, a dropped connection may pass; a refused request, a config error or a bug
+fails the same way every time. Backends turn their own transport errors into `ServerError`
+(with `transient` set), so this module needs no HTTP client.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypedDict, runtime_checkable
 
@@ -175,3 +180,121 @@ def per_prompt(sampling: Sampling | Sequence[Sampling], count: int) -> list[Samp
     if len(items) != count:
         raise ValueError(f"got {len(items)} Sampling objects for {count} prompts")
     return items
+
+
+# ---- errors, and which of them are worth retrying ------------------------------------------
+
+#: HTTP statuses worth retrying: rate limits and server-side failures.
+#: 408 is the server timing out our request; 501/505 would fail the same way again.
+RETRY_STATUSES = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 505})
+
+#: Exceptions that are transient whatever raised them.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError)
+
+
+class ServerError(RuntimeError):
+    """A request to an engine's server failed (refused, or still failing after retries)."""
+
+    def __init__(
+        self, message: str, *, kind: str, status: int | None = None, transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        #: True when the server may recover (it kept failing with retryable errors, or the
+        #: connection failed): a flow-level retry later is worth it; False for refusals.
+        self.transient = transient
+
+
+class TransientError(RuntimeError):
+    """Raise (or chain) this from a stage for a failure that may pass on a later try."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is worth retrying."""
+    return any(_transient_one(e) for e in _chain(exc))
+
+
+def _transient_one(exc: BaseException) -> bool:
+    """Whether this one exception (not its causes) is worth retrying."""
+    if isinstance(exc, (TransientError, *TRANSIENT_ERRORS)):
+        return True
+    if isinstance(exc, ServerError):
+        if exc.transient:  # retries used up or the transport failed: it may pass later
+            return True
+        return exc.status is not None and exc.status in RETRY_STATUSES
+    return False
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from (cause, else context), each exception once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+# ---- prompts for chat models and base models ------------------------------------------------
+
+#: How a stage turns a conversation into a raw prompt: the model's chat template (`chat`), a
+#: plain `User:`/`Assistant:` transcript for base models (`plain`), or `auto`: the chat
+#: template when the model has one, else plain.
+PromptFormat = Literal["auto", "chat", "plain"]
+
+#: Where a base model answering a plain transcript should stop: at the next user turn.
+PLAIN_STOP: tuple[str, ...] = ("\nUser:",)
+
+
+def plain_prompt(messages: Messages, *, add_generation_prompt: bool = True) -> str:
+    """A conversation as a plain transcript a base model can continue: the system turn as a
+    first paragraph, then `User: ...` and `Assistant: ...` turns; with
+    `add_generation_prompt`, it ends with `Assistant:` for the model to write the reply."""
+    parts: list[str] = []
+    for m in messages:
+        match m["role"]:
+            case "system":
+                parts.append(m["content"].strip())
+            case "user":
+                parts.append(f"User: {m['content'].strip()}")
+            case "assistant":
+                parts.append(f"Assistant: {m['content'].strip()}")
+            case other:
+                raise ValueError(f"unknown message role {other!r}")
+    text = "\n\n".join(parts)
+    return text + "\n\nAssistant:" if add_generation_prompt else text
+
+
+class ChatRenderer(Protocol):
+    """What prompt rendering needs of an engine (an Engine or a stage's MeteredEngine)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def chat_template(self) -> str | None: ...
+
+    def chat_prompt(self, messages: Messages, *, add_generation_prompt: bool = True) -> str: ...
+
+
+def uses_chat_template(engine: ChatRenderer, fmt: PromptFormat) -> bool:
+    """Whether `fmt` on `engine` means its chat template (`chat` without one is an error)."""
+    if fmt == "chat" and engine.chat_template is None:
+        raise ValueError(
+            f"model {engine.model_id!r} has no chat template; use prompt_format: plain (or auto)"
+        )
+    return fmt == "chat" or (fmt == "auto" and engine.chat_template is not None)
+
+
+def render_prompt(
+    engine: ChatRenderer,
+    messages: Messages,
+    *,
+    fmt: PromptFormat = "auto",
+    add_generation_prompt: bool = True,
+) -> str:
+    """A conversation as the raw prompt `engine` should see, in format `fmt`."""
+    if uses_chat_template(engine, fmt):
+        return engine.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+    return plain_prompt(messages, add_generation_prompt=add_generation_prompt)

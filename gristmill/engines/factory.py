@@ -18,7 +18,7 @@ from gristmill.engines.models import DEFAULT_MODEL
 log = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "openai")
-_SPEC_KEYS = ("backend", "model", "options")
+_SPEC_KEYS = ("backend", "model", "options", "resident")
 
 
 class FrozenMapping(tuple[tuple[str, Any], ...]):
@@ -57,21 +57,32 @@ def thaw_option(value: object) -> object:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineSpec:
-    """Which engine to build: backend, model name, and backend options (sorted pairs)."""
+    """Which engine to build: backend, model name, and backend options.
+
+    `options` may be given as a mapping (`Engine(model=..., options={"max_model_len": 2048})`);
+    it is stored frozen, as sorted (name, value) pairs, so a spec is hashable: one engine per
+    spec per process.
+    """
 
     backend: str = "vllm"
     model: str = DEFAULT_MODEL
-    options: tuple[tuple[str, object], ...] = ()
+    options: tuple[tuple[str, object], ...] | Mapping[str, object] = ()
+    #: Keep it loaded between the stages that use it; by default a run closes an engine as
+    #: soon as the next stage does not need it, so one model is resident at a time.
+    resident: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"engine backend must be one of {list(BACKENDS)}, got {self.backend!r}"
             )
+        if not isinstance(self.resident, bool):
+            raise ValueError(f"engine resident must be true or false, got {self.resident!r}")
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"engine model must be a non-empty string, got {self.model!r}")
         pairs: dict[str, object] = {}
-        for item in self.options:
+        items = self.options.items() if isinstance(self.options, Mapping) else self.options
+        for item in items:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
                 raise TypeError(f"engine options must be (name, value) pairs, got {item!r}")
             key, value = item
@@ -98,15 +109,26 @@ class EngineSpec:
             backend=data.get("backend", "vllm"),
             model=data.get("model", DEFAULT_MODEL),
             options=tuple(options.items()),
+            resident=data.get("resident", False),
         )
+
+    def option_pairs(self) -> tuple[tuple[str, object], ...]:
+        """The options as sorted (name, value) pairs, frozen."""
+        assert isinstance(self.options, tuple)
+        return self.options
 
     def kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments for the backend's constructor."""
-        return {key: thaw_option(value) for key, value in self.options}
+        return {key: thaw_option(value) for key, value in self.option_pairs()}
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain-dict form (inverse of `from_mapping`), for manifests and logs."""
-        return {"backend": self.backend, "model": self.model, "options": self.kwargs()}
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "options": self.kwargs(),
+            "resident": self.resident,
+        }
 
 
 _ENGINES: dict[EngineSpec, Engine] = {}
@@ -122,6 +144,32 @@ def get_engine(spec: EngineSpec | None = None) -> Engine:
             engine = build_engine(spec)
             _ENGINES[spec] = engine
         return engine
+
+
+def is_running(spec: EngineSpec) -> bool:
+    """Whether this process holds a started engine for `spec`."""
+    with _ENGINES_LOCK:
+        return spec in _ENGINES
+
+
+def close_engine(spec: EngineSpec) -> bool:
+    """Close this process's engine for `spec` (frees vLLM's processes and memory); whether
+    there was one. A later `get_engine(spec)` starts a new one."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.pop(spec, None)
+    if engine is None:
+        return False
+    _close(engine)
+    return True
+
+
+def _close(engine: Engine) -> None:
+    close = getattr(engine, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # one engine failing to close must not keep the others alive
+            log.exception("closing engine %s failed", engine.model_id)
 
 
 def build_engine(spec: EngineSpec) -> Engine:
@@ -152,9 +200,4 @@ def shutdown_engines() -> None:
         engines = list(_ENGINES.values())
         _ENGINES.clear()
     for engine in engines:
-        close = getattr(engine, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # one engine failing to close must not keep the others alive
-                log.exception("closing engine %s failed", engine.model_id)
+        _close(engine)

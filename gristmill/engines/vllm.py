@@ -26,7 +26,7 @@ from gristmill.engines.base import (
     per_prompt,
 )
 from gristmill.engines.models import DEFAULT_MODEL, resolve_model
-from gristmill.engines.reaper import child_pids, watch_children
+from gristmill.reaper import child_pids, watch_children
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,11 @@ class VLLMEngine:
         return results
 
     def prompt_logprobs(self, texts: Sequence[str]) -> list[list[float | None]]:
-        """Log-probability of each token of each text given its prefix (first token: None)."""
+        """Log-probability of each token of each text given its prefix (first token: None).
+
+        The row covers the prompt as the model saw it: where the tokenizer prepends BOS
+        (the bundled Gemma) that BOS is the first, None, entry, then every text token has one.
+        """
         check_prompts(texts, allow_empty=True)
         todo = [i for i, text in enumerate(texts) if text]
         results: list[list[float | None]] = [[] for _ in texts]

@@ -55,7 +55,7 @@ import numpy as np
 import polars as pl
 
 from gristmill.engines.base import Message, Messages, Sampling
-from gristmill.pipelines.stage import MapStage, MeteredEngine, StageConfig, StageContext
+from gristmill.pipelines.stage import LLMConfig, Map, MeteredEngine, StageConfig, StageContext
 from gristmill.records import DROP_REASON, record_id, score_column
 from gristmill.selectors.grape import LogprobEngine, score_responses, split_conversation
 from gristmill.verify.math import answers_equal, extract_answer
@@ -234,7 +234,7 @@ def question_text(before: Sequence[Message]) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClearConfig(StageConfig):
+class ClearConfig(LLMConfig):
     """BSDetector's constants, sampling, the auto-filter and the auto-correct thresholds."""
 
     #: Sampled answers per prompt for observed consistency (k).
@@ -306,11 +306,17 @@ def lowest_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(order[:count])
 
 
-class Clear(MapStage):
-    """CLEAR: BSDetector confidence per row, then optional auto-correct and auto-filter."""
+class Clear(Map):
+    """CLEAR/BSDetector confidence (`score__clear`), then optional auto-correct and auto-filter."""
 
     name: ClassVar[str] = "clear"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "filter"
+    citation: ClassVar[str | None] = (
+        "Chen and Mueller, 2024. Automated Data Curation for Robust Language Model "
+        "Fine-Tuning (CLEAR). arXiv:2403.12776; Chen and Mueller, 2023. Quantifying "
+        "Uncertainty in Answers from any Language Model (BSDetector). arXiv:2308.16175"
+    )
     Config: ClassVar[type[StageConfig]] = ClearConfig
     uses_engine: ClassVar[bool] = True
     uses_embedder: ClassVar[bool] = True

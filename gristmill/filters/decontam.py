@@ -42,7 +42,8 @@ from gristmill.filters.dedup import (
     token_hashes,
 )
 from gristmill.filters.embed import TextField, check_text_field, field_source_column
-from gristmill.pipelines.stage import MapStage, StageConfig, StageContext
+from gristmill.pipelines.stage import Map, StageConfig, StageContext
+from gristmill.pipelines.stats import ExtraStats, counts, first, summed
 from gristmill.records import (
     DROP_REASON,
     INPUT_FORMATS,
@@ -419,12 +420,29 @@ def first_hits(frame: pl.DataFrame, fields: Sequence[str], index: EvalIndex) -> 
     return hits
 
 
-class Decontam(MapStage):
-    """Drops rows that share a long word n-gram with an evaluation set, naming the eval item."""
+@dataclass(frozen=True, kw_only=True)
+class DecontamStats(ExtraStats):
+    """Rows checked and caught (summed over parts), hits per eval set, the index's sizes."""
+
+    rows: int = summed()
+    contaminated: int = summed()
+    by_eval_set: dict[str, int] = counts()
+    #: Items, texts and n-grams per eval set: the same index in every part.
+    index: dict[str, dict[str, int]] | None = first()
+
+
+class Decontam(Map):
+    """Drops rows sharing a 13-gram (by default) with named eval sets, naming the eval item hit."""
 
     name: ClassVar[str] = "decontam"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "filter"
+    citation: ClassVar[str | None] = (
+        "Brown et al., 2020. Language Models are Few-Shot Learners (13-gram overlap "
+        "decontamination). arXiv:2005.14165"
+    )
     Config: ClassVar[type[StageConfig]] = DecontamConfig
+    Stats: ClassVar[type[ExtraStats] | None] = DecontamStats
     config: DecontamConfig
 
     def requires(self) -> tuple[str, ...]:
@@ -448,30 +466,14 @@ class Decontam(MapStage):
         )
         if DROP_REASON in batch.columns:  # keep a reason an earlier step already gave
             reason = batch.get_column(DROP_REASON).cast(pl.String).fill_null(reason)
-        ctx.extra_stats.update(
-            {
-                "rows": batch.height,
-                "contaminated": sum(h is not None for h in hits),
-                "by_eval_set": dict(Counter(h.eval_set for h in hits if h is not None)),
-                "index": index.stats,
-            }
+        stats = DecontamStats(
+            rows=batch.height,
+            contaminated=sum(h is not None for h in hits),
+            by_eval_set=dict(Counter(h.eval_set for h in hits if h is not None)),
+            index=index.stats,
         )
+        ctx.extra_stats.update(stats.to_dict())
         return batch.with_columns(
             *(pl.Series(name, values, dtype=pl.String) for name, values in columns.items()),
             reason.alias(DROP_REASON),
         )
-
-    def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Totals over parts: rows, contaminated rows, hits per eval set, the index's sizes."""
-        by_set: Counter[str] = Counter()
-        for p in parts:
-            by_set.update(p.get("by_eval_set", {}))
-        merged: dict[str, Any] = {
-            "rows": sum(int(p.get("rows", 0)) for p in parts),
-            "contaminated": sum(int(p.get("contaminated", 0)) for p in parts),
-            "by_eval_set": dict(by_set),
-        }
-        indexed = [p["index"] for p in parts if "index" in p]
-        if indexed:
-            merged["index"] = indexed[0]
-        return merged

@@ -1,6 +1,6 @@
 """Dedup stages: exact (normalised text), near-duplicate (MinHash LSH), semantic (embeddings).
 
-All three are GlobalStages that decide rows greedily in input order (smallest ROW_COLUMN
+All three are Select stages that decide rows greedily in input order (smallest ROW_COLUMN
 first) and compare a row only with rows already KEPT: a row is dropped iff an earlier kept
 row is its duplicate, and `duplicate_of` names that row's id. Connected components (or
 Magpie's "no earlier neighbour at all") would let a chain A~B~C drop C although C is far
@@ -44,7 +44,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import faiss
 import numpy as np
 import polars as pl
 
@@ -55,7 +54,7 @@ from gristmill.filters.embed import (
     field_source_column,
     frame_embeddings,
 )
-from gristmill.pipelines.stage import ROW_COLUMN, GlobalStage, StageConfig, StageContext
+from gristmill.pipelines.stage import Select, StageConfig, StageContext
 from gristmill.records import DROP_REASON
 
 
@@ -84,6 +83,8 @@ def near_duplicates(
     duplicate_of = np.full(n, -1, dtype=np.int64)
     if n < 2:
         return NeighborStats(min_distance, repeat_count, keep, duplicate_of)
+    import faiss  # heavy: only when a stage runs
+
     index = faiss.IndexFlatIP(d)
     index.add(x)
     # distance < threshold  <=>  inner product > 1 - threshold / 2 (range search is strict)
@@ -134,11 +135,16 @@ class SemanticDedupConfig(StageConfig):
             )
 
 
-class SemanticDedup(GlobalStage):
-    """Drops embedding near-duplicates, keeping the earliest row of each near-duplicate set."""
+class SemanticDedup(Select):
+    """Min-neighbour-distance near-duplicate removal over embeddings with FAISS, keeping the
+    earliest."""
 
     name: ClassVar[str] = "semantic_dedup"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "dedup"
+    citation: ClassVar[str | None] = (
+        "Xu et al., 2024 (Magpie): min-neighbour-distance deduplication over sentence embeddings"
+    )
     Config: ClassVar[type[StageConfig]] = SemanticDedupConfig
     unhashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
     uses_embedder: ClassVar[bool] = True
@@ -150,18 +156,15 @@ class SemanticDedup(GlobalStage):
     def produces(self) -> tuple[str, ...]:
         return ("min_neighbor_distance", "repeat_count", "duplicate_of")
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Every row, with the neighbour columns; near-duplicates get `drop_reason`."""
         cfg = self.config
-        frame = data.collect()
-        if ROW_COLUMN in frame.columns:
-            frame = frame.sort(ROW_COLUMN)
-        vectors = frame_embeddings(frame, ctx, column=cfg.embedding_column, field=cfg.field)
+        vectors = frame_embeddings(data, ctx, column=cfg.embedding_column, field=cfg.field)
         stats = near_duplicates(vectors, cfg.threshold, batch_size=cfg.batch_size)
-        ids = frame.get_column("id")
+        ids = data.get_column("id")
         twin = pl.Series(stats.duplicate_of)
         duplicate_of = ids.gather(twin.clip(lower_bound=0)).alias("duplicate_of")
-        out = frame.with_columns(
+        out = data.with_columns(
             pl.Series("min_neighbor_distance", stats.min_distance, dtype=pl.Float64).fill_nan(None),
             pl.Series("repeat_count", stats.repeat_count, dtype=pl.Int64),
             pl.when(twin >= 0).then(duplicate_of).otherwise(None).alias("duplicate_of"),
@@ -175,12 +178,12 @@ class SemanticDedup(GlobalStage):
             {
                 "threshold": cfg.threshold,
                 "distance": "squared L2 between unit vectors (2 - 2 cos)",
-                "rows": frame.height,
+                "rows": data.height,
                 "near_duplicates": int((~stats.keep).sum()),
                 "rows_with_neighbors": int((stats.repeat_count > 0).sum()),
             }
         )
-        return out.lazy()
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,11 +338,6 @@ def _check_fields(fields: tuple[str, ...], *, where: str) -> tuple[str, ...]:
     return fields
 
 
-def _in_row_order(data: pl.LazyFrame) -> pl.DataFrame:
-    frame = data.collect()
-    return frame.sort(ROW_COLUMN) if ROW_COLUMN in frame.columns else frame
-
-
 def _required_columns(fields: tuple[str, ...]) -> tuple[str, ...]:
     return ("id", *dict.fromkeys(field_source_column(f) for f in fields))
 
@@ -396,11 +394,12 @@ class ExactDedupConfig(StageConfig):
         object.__setattr__(self, "fields", fields)
 
 
-class ExactDedup(GlobalStage):
-    """Drops rows whose normalised fields equal an earlier row's, keeping the earliest."""
+class ExactDedup(Select):
+    """Normalised-text hash duplicates, keeping the earliest; `duplicate_of` audit column."""
 
     name: ClassVar[str] = "exact_dedup"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "dedup"
     Config: ClassVar[type[StageConfig]] = ExactDedupConfig
     config: ExactDedupConfig
 
@@ -410,11 +409,10 @@ class ExactDedup(GlobalStage):
     def produces(self) -> tuple[str, ...]:
         return ("duplicate_of",)
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Every row, with `duplicate_of`; later copies get drop reason `exact_duplicate`."""
         cfg = self.config
-        frame = _in_row_order(data)
-        keys = frame.select(
+        keys = data.select(
             normalize_expr(
                 field_expr(f),
                 nfkc=cfg.nfkc,
@@ -426,12 +424,12 @@ class ExactDedup(GlobalStage):
         ).with_row_index("row")
         first = keys.select(pl.col("row").first().over([f"key{i}" for i in range(len(cfg.fields))]))
         first_row = first.get_column("row").to_numpy().astype(np.int64)
-        rows = np.arange(frame.height, dtype=np.int64)
+        rows = np.arange(data.height, dtype=np.int64)
         duplicate_of = np.where(first_row < rows, first_row, -1)
         ctx.extra_stats.update(
-            {"rows": frame.height, "fields": list(cfg.fields), **_cluster_stats(duplicate_of)}
+            {"rows": data.height, "fields": list(cfg.fields), **_cluster_stats(duplicate_of)}
         )
-        return _with_duplicates(frame, duplicate_of, "exact_duplicate").lazy()
+        return _with_duplicates(data, duplicate_of, "exact_duplicate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,11 +579,17 @@ def greedy_near_duplicates(
     return NearDuplicates(duplicate_of, jaccard, checked, rejected, lsh.b, lsh.r)
 
 
-class MinHashDedup(GlobalStage):
-    """Drops MinHash near duplicates (estimated Jaccard of shingle sets), keeping the earliest."""
+class MinHashDedup(Select):
+    """MinHash-LSH near duplicates (estimated Jaccard of shingles), keeping the earliest;
+    `duplicate_of` audit column."""
 
     name: ClassVar[str] = "minhash_dedup"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "dedup"
+    citation: ClassVar[str | None] = (
+        "Lee et al., 2022. Deduplicating Training Data Makes Language Models Better. "
+        "arXiv:2107.06499"
+    )
     Config: ClassVar[type[StageConfig]] = MinHashDedupConfig
     unhashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
     config: MinHashDedupConfig
@@ -610,17 +614,16 @@ class MinHashDedup(GlobalStage):
             empties.append(empty)
         return np.concatenate(sigs), np.concatenate(empties)
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Every row, with `duplicate_of`/`duplicate_jaccard`; near duplicates get a reason."""
         cfg = self.config
-        frame = _in_row_order(data)
         start = time.perf_counter()
-        signatures, empty = self.signatures(frame)
+        signatures, empty = self.signatures(data)
         hashed = time.perf_counter()
         near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold, seed=cfg.seed)
         ctx.extra_stats.update(
             {
-                "rows": frame.height,
+                "rows": data.height,
                 "rows_without_tokens": int(empty.sum()),
                 "threshold": cfg.threshold,
                 "lsh_bands": near.bands,
@@ -633,4 +636,4 @@ class MinHashDedup(GlobalStage):
             }
         )
         similarity = pl.Series("duplicate_jaccard", near.jaccard, dtype=pl.Float64).fill_nan(None)
-        return _with_duplicates(frame, near.duplicate_of, "near_duplicate", similarity).lazy()
+        return _with_duplicates(data, near.duplicate_of, "near_duplicate", similarity)

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal, get_args
 import numpy as np
 import polars as pl
 
-from gristmill.pipelines.stage import MapStage, StageConfig, StageContext
+from gristmill.pipelines.stage import Map, StageConfig, StageContext
 
 #: Which text of a record to embed: the last user turn, the last assistant turn, or the
 #: whole conversation (every turn as "role: content", joined by blank lines).
@@ -142,11 +142,12 @@ class EmbedConfig(StageConfig):
             raise ValueError("embed config: column must be a non-empty name")
 
 
-class Embed(MapStage):
-    """Adds a sentence embedding of one text field to every row."""
+class Embed(Map):
+    """Adds an `embedding` column of one text field (the bundled MiniLM by default)."""
 
     name: ClassVar[str] = "embed"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "map"
     Config: ClassVar[type[StageConfig]] = EmbedConfig
     unhashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
     uses_embedder: ClassVar[bool] = True

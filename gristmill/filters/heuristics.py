@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import polars as pl
 
-from gristmill.pipelines.stage import MapStage, StageConfig, StageContext
+from gristmill.pipelines.stage import Map, StageConfig, StageContext
 from gristmill.records import DROP_REASON
 
 #: Records' columns the repetition check may look at.
@@ -174,11 +174,13 @@ def drop_reason_for(
     return None
 
 
-class Heuristics(MapStage):
-    """Drops empty, truncated, out-of-bounds, echoing and repetitive records."""
+class Heuristics(Map):
+    """Drops empty, truncated, out-of-bounds (characters, words), echoing and n-gram-repetitive
+    records."""
 
     name: ClassVar[str] = "heuristics"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "filter"
     Config: ClassVar[type[StageConfig]] = HeuristicsConfig
     config: HeuristicsConfig
 

@@ -22,11 +22,11 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.runtime import flow_run
 from tqdm import tqdm
 
-from gristmill.flows.ref import PipelineRef, load_flow_recipe, pipeline_for, planned_stage
+from gristmill.flows.ref import PipelineRef, pipeline_for, planned_stage
 from gristmill.flows.retry import RetryPolicy
 from gristmill.flows.runners import RunnerSpec, make_task_runner, prepare_runner
-from gristmill.pipelines.output import write_dataset
-from gristmill.pipelines.pipeline import stage_line
+from gristmill.pipelines.pipeline import PlannedStage, stage_line
+from gristmill.pipelines.recipe import Recipe
 
 
 @task(cache_policy=NO_CACHE)
@@ -57,7 +57,7 @@ def run_global_stage(ref: PipelineRef, stage_index: int) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def write_dataset_task(ref: PipelineRef) -> str:
     """The final dataset folder, card and manifest."""
-    return str(write_dataset(pipeline_for(ref)))
+    return str(pipeline_for(ref).write_dataset())
 
 
 def run_pipeline(
@@ -71,12 +71,10 @@ def run_pipeline(
     logger = get_run_logger()
     pipeline = pipeline_for(ref)
     pipeline.check_columns()
-    if pipeline.needs_engine():
-        if runner.in_flow_process:
-            logger.info("starting engine %s", pipeline.recipe.engine)
-            pipeline.engine()  # created once, in the flow's thread, before any task uses it
-        else:
-            logger.info("engines start on the workers, one per worker process")
+    engines = pipeline.engines_to_start()
+    if engines:
+        where = "the flow's process" if runner.in_flow_process else "each worker process"
+        logger.info("engines %s start in %s when their first stage runs", engines, where)
     retrying = retry.task_options()
     split_input.with_options(**retrying)(ref)
     todo = [p for p in pipeline.stages if not pipeline.is_done(p)]
@@ -91,6 +89,7 @@ def run_pipeline(
     with make_task_runner(runner, api_url=_api_url()) as task_runner:
         prepare_runner(task_runner)
         for planned in todo:
+            _engines_for_stage(ref, task_runner, runner, planned)
             start = time.perf_counter()
             if planned.is_map:
                 inputs = pipeline.stage_input_parts(planned)
@@ -120,7 +119,29 @@ def run_pipeline(
                     {"ref": ref, "stage_index": planned.index},
                 ).result()
             logger.info(stage_line(summary))
+        _engines_for_stage(ref, task_runner, runner, None)
     return write_dataset_task(ref)
+
+
+def _engines_for_stage(
+    ref: PipelineRef, task_runner: Any, runner: RunnerSpec, planned: PlannedStage | None
+) -> None:
+    """Before a stage (None: after the last): close the engines it does not keep (one model
+    resident at a time, unless `resident`) wherever they run; in the flow's process, start
+    its own."""
+    pipeline = pipeline_for(ref)
+    keep = pipeline.engines_to_keep(planned) if planned is not None else ()
+    if runner.in_flow_process:
+        pipeline.release_engines(keep=keep)
+        for name in planned.engines if planned is not None else ():
+            pipeline.engine(name)  # started in the flow's thread, before any task uses it
+    elif type(task_runner).__name__ == "DaskTaskRunner":
+        task_runner.client.run(release_worker_engines, ref, keep)
+
+
+def release_worker_engines(ref: PipelineRef, keep: tuple[str, ...]) -> list[str]:
+    """On a Dask worker: close the run's engines that the next stage does not use."""
+    return pipeline_for(ref).release_engines(keep=keep)
 
 
 def _follow(futures: list[PrefectFuture[Any]], desc: str, show: bool) -> None:
@@ -160,7 +181,7 @@ def scheduled_run_dir(out_root: str | Path, recipe_name: str) -> Path:
 
 @flow(name="gristmill-recipe", log_prints=True)
 def recipe_flow(
-    recipe_path: str,
+    recipe_path: str | None = None,
     out_dir: str | None = None,
     overrides: list[str] | None = None,
     show_progress: bool = True,
@@ -171,17 +192,27 @@ def recipe_flow(
     address: str | None = None,
     retries: int = 2,
     retry_delay_s: float = 2.0,
+    recipe: dict[str, Any] | None = None,
 ) -> str:
     """Run a recipe into `out_dir` (or a fresh folder under `out_root`); the dataset folder.
 
-    `runner`/`workers`/`threads_per_worker`/`address` pick the task runner; `retries` and
-    `retry_delay_s` set the backoff for parts that fail with a transient error.
+    The recipe is the file `recipe_path` with `overrides` (deployments: read when the run
+    starts), or `recipe`, a resolved `Recipe.to_dict()` (Python and the CLI; `recipe_path`
+    is then provenance only). `runner`/`workers`/`threads_per_worker`/`address` pick the
+    task runner; `retries` and `retry_delay_s` set the backoff for parts that fail with a
+    transient error.
     """
-    recipe = load_flow_recipe(recipe_path, overrides or [])
-    run_dir = Path(out_dir) if out_dir else scheduled_run_dir(out_root, recipe.name)
+    if recipe is not None:
+        where = recipe_path or "recipe"
+        typed = Recipe.from_dict(recipe, where=where, path=recipe_path)
+    elif recipe_path is not None:
+        typed = Recipe.from_yaml(recipe_path, overrides or [])
+    else:
+        raise ValueError("recipe_flow needs `recipe_path` or `recipe`")
+    run_dir = Path(out_dir) if out_dir else scheduled_run_dir(out_root, typed.name)
     get_run_logger().info("run folder: %s", run_dir)
     return run_pipeline(
-        PipelineRef.of(recipe, run_dir, show_progress=show_progress),
+        PipelineRef.of(typed, run_dir, show_progress=show_progress),
         RunnerSpec(
             kind=runner, workers=workers, threads_per_worker=threads_per_worker, address=address
         ),
@@ -190,7 +221,7 @@ def recipe_flow(
 
 
 def run_recipe(
-    recipe_path: str | Path,
+    recipe: Recipe | str | Path,
     out_dir: str | Path,
     overrides: list[str] | None = None,
     *,
@@ -199,15 +230,20 @@ def run_recipe(
     workers: int | None = None,
     show_progress: bool = True,
 ) -> Path:
-    """Run the recipe flow into `out_dir`; `workers` alone means that many threads."""
+    """Run a recipe (typed, or a file with `overrides`) through the flow into `out_dir`;
+    `workers` alone means that many threads."""
     if runner is not None and workers is not None:
         raise ValueError("give `workers` inside the RunnerSpec, not both")
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe, overrides or [])
+    elif overrides:
+        raise ValueError("overrides apply to a recipe file; change a typed recipe directly")
     spec = runner or RunnerSpec(workers=workers or 1)
     policy = retry or RetryPolicy()
     result = recipe_flow(
-        str(recipe_path),
+        recipe.path,
         str(out_dir),
-        list(overrides or []),
+        None,
         show_progress,
         runner=spec.kind,
         workers=spec.workers,
@@ -215,5 +251,6 @@ def run_recipe(
         address=spec.address,
         retries=policy.retries,
         retry_delay_s=policy.delay_s,
+        recipe=recipe.to_dict(),
     )
     return Path(result)

@@ -3,53 +3,19 @@
 An engine server answering 5xx or 429, a timeout, a dropped connection: worth another try
 after a pause. A bad record, a config error or a bug fails the same way every time, so it
 fails the part at once (the stage's other parts are kept; a rerun redoes only that part).
+Which errors are transient is the engines' vocabulary (`gristmill.engines.base`); this
+module only wires it into Prefect.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task
 
-from gristmill.engines.openai import RETRY_ERRORS, RETRY_STATUSES, ServerError
-
-#: Exceptions that are transient whatever raised them.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    ConnectionError,
-    *RETRY_ERRORS,
-)
-
-
-class TransientError(RuntimeError):
-    """Raise (or chain) this from a stage for a failure that may pass on a later try."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether `exc`, or an exception it was raised from, is worth retrying."""
-    return any(_transient_one(e) for e in _chain(exc))
-
-
-def _transient_one(exc: BaseException) -> bool:
-    if isinstance(exc, (TransientError, *TRANSIENT_ERRORS)):
-        return True
-    if isinstance(exc, ServerError):
-        if exc.transient:  # the engine retried and gave up: the server may be back later
-            return True
-        return exc.status is not None and exc.status in RETRY_STATUSES
-    return False
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
+from gristmill.engines.base import is_transient
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gristmill.flows.ref import load_flow_recipe
 from gristmill.flows.retry import RetryPolicy
 from gristmill.flows.runners import RunnerSpec
 from gristmill.flows.schedule import ScheduleSpec, pick_schedule
+from gristmill.pipelines.recipe import Recipe
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -59,7 +59,7 @@ def plan_recipe(
 ) -> ServePlan:
     """Check a recipe (it must load with `overrides`) and plan its deployment."""
     path = Path(recipe_path).resolve()
-    recipe = load_flow_recipe(path, overrides)
+    recipe = Recipe.from_yaml(path, overrides)
     runner = runner or RunnerSpec()
     retry = retry or RetryPolicy()
     return ServePlan(

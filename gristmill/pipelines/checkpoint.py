@@ -18,15 +18,6 @@ import pyarrow.parquet as pq
 
 from gristmill.atomic import atomic_path
 
-SUCCESS = "_SUCCESS.json"
-REJECTED = "rejected"
-STATE = "state"
-
-
-def part_name(index: int) -> str:
-    """File name of part `index`."""
-    return f"part-{index:05d}.parquet"
-
 
 def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> Path:
     """Write `frame` to `path` through a temp file and rename."""

@@ -6,7 +6,7 @@ recipe's seed and its options, and returns a records frame.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import polars as pl
@@ -15,10 +15,10 @@ GENERATORS = ("arith",)
 
 
 def generate_input(
-    name: str, *, rows: int, seed: int, options: Sequence[tuple[str, Any]] = ()
+    name: str, *, rows: int, seed: int, options: Mapping[str, Any] | None = None
 ) -> pl.DataFrame:
     """Records from the built-in generator `name` (deterministic for a seed)."""
-    opts = dict(options)
+    opts = dict(options or {})
     match name:
         case "arith":
             from gristmill.synth.arith import generate_problems, problems_frame

@@ -4,65 +4,32 @@
     DIR/dataset/README.md                           dataset card with YAML front matter
     DIR/manifest.json                               recipe, fingerprints, stage stats, versions
 
-The dataset folder is built under a temporary name and renamed into place, so a reader
-never sees half a dataset.
+Everything here is derived from the typed recipe and the stages' `_SUCCESS.json` summaries
+(paths from `RunLayout`). The dataset folder is built under a temporary name and renamed
+into place, so a reader never sees half a dataset.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
 import yaml
 
 from gristmill import __version__
-from gristmill.pipelines.checkpoint import (
-    SUCCESS,
-    atomic_write_json,
-    atomic_write_text,
-    read_json,
-    read_parts,
-)
+from gristmill.pipelines.checkpoint import atomic_write_json, atomic_write_text, read_parts
+from gristmill.pipelines.layout import RunLayout
+from gristmill.pipelines.recipe import Recipe
 from gristmill.records import empty_trainer_frame, trainer_frame, write_table
-
-if TYPE_CHECKING:
-    from gristmill.pipelines.pipeline import Pipeline
-
-DATASET_DIR = "dataset"
-MANIFEST = "manifest.json"
-
-#: Methods a stage implements, for the dataset card's citations.
-CITATIONS: dict[str, str] = {
-    "magpie": "Xu et al., 2024. Magpie: Alignment Data Synthesis from Scratch by Prompting "
-    "Aligned LLMs with Nothing. arXiv:2406.08464",
-    "semantic_dedup": "Xu et al., 2024 (Magpie): min-neighbour-distance deduplication over "
-    "sentence embeddings",
-    "kmeans": "Yu et al., 2024. Diversify and Conquer: Diversity-Centric Data Selection with "
-    "Iterative Refinement (kMQ). arXiv:2409.11378",
-    "rejection": "Yuan et al., 2023. Scaling Relationship on Learning Mathematical Reasoning "
-    "with Large Language Models (RFT). arXiv:2308.01825",
-    "dart": "Tong et al., 2024. DART-Math: Difficulty-Aware Rejection Tuning for Mathematical "
-    "Problem-Solving. arXiv:2407.13690",
-    "hint_infer": "Li et al., 2025. START: Self-taught Reasoner with Tools. arXiv:2503.04625",
-    "clear": "Chen and Mueller, 2024. Automated Data Curation for Robust Language Model "
-    "Fine-Tuning (CLEAR). arXiv:2403.12776; Chen and Mueller, 2023. Quantifying Uncertainty "
-    "in Answers from any Language Model (BSDetector). arXiv:2308.16175",
-    "grape": "Zhang et al., 2025. The Best Instruction-Tuning Data are Those That Fit "
-    "(GRAPE). arXiv:2502.04194",
-    "s2l": "Yang et al., 2024. SmallToLarge (S2L): Scalable Data Selection for Fine-tuning "
-    "Large Language Models by Summarizing Training Trajectories of Small Models. "
-    "arXiv:2403.07384",
-    "minhash_dedup": "Lee et al., 2022. Deduplicating Training Data Makes Language Models "
-    "Better. arXiv:2107.06499",
-    "decontam": "Brown et al., 2020. Language Models are Few-Shot Learners (13-gram overlap "
-    "decontamination). arXiv:2005.14165",
-}
 
 VERSIONED_PACKAGES = (
     "gristmill",
@@ -79,19 +46,32 @@ VERSIONED_PACKAGES = (
 )
 
 
-def write_dataset(pipeline: Pipeline) -> Path:
-    """Write DIR/dataset and DIR/manifest.json from the last stage's output."""
-    recipe = pipeline.recipe
-    frame = read_parts(pipeline.final_parts())
+@dataclass(frozen=True, kw_only=True)
+class FinishedRun:
+    """What a finished run's outputs are made from: the recipe, where its files are, the
+    input split's and every stage's `_SUCCESS.json` summary, and the last stage's parts."""
+
+    recipe: Recipe
+    layout: RunLayout
+    input_dir: Path
+    input_summary: Mapping[str, Any]
+    stages: Sequence[Mapping[str, Any]]
+    final_parts: Sequence[Path]
+
+
+def write_dataset(run: FinishedRun) -> Path:
+    """Write RUN/dataset and RUN/manifest.json from the last stage's output."""
+    recipe = run.recipe
+    frame = read_parts(run.final_parts)
     drop = [c for c in recipe.output.drop_columns if c in frame.columns]
     frame = frame.drop(drop)
     if recipe.output.format != "records":
         fmt = recipe.output.format
         frame = trainer_frame(frame, fmt) if frame.height else empty_trainer_frame(fmt)
-    target = pipeline.run_dir / DATASET_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".dataset.", dir=pipeline.run_dir))
+    target = run.layout.dataset_dir
+    tmp = Path(tempfile.mkdtemp(prefix=".dataset.", dir=run.layout.root))
     try:
-        data_dir = tmp / "data"
+        data_dir = tmp / run.layout.dataset_data.name
         data_dir.mkdir()
         step = recipe.output.shard_rows
         shards = max(1, -(-frame.height // step))
@@ -100,10 +80,9 @@ def write_dataset(pipeline: Pipeline) -> Path:
             name = f"{recipe.output.split}-{k:05d}-of-{shards:05d}.parquet"
             write_table(frame.slice(k * step, step), data_dir / name)
             files.append(name)
-        stages = [pipeline.success(p) for p in pipeline.stages]
-        manifest = _manifest(pipeline, frame, files, [s for s in stages if s is not None])
+        manifest = _manifest(run, frame, files)
         atomic_write_text(
-            _card(pipeline, frame, files, manifest, _features(data_dir / files[0])),
+            _card(recipe, frame, files, manifest, _features(data_dir / files[0])),
             tmp / "README.md",
         )
         if target.exists():
@@ -112,38 +91,48 @@ def write_dataset(pipeline: Pipeline) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_json(manifest, pipeline.run_dir / MANIFEST)
+    atomic_write_json(manifest, run.layout.manifest)
     return target
 
 
-def _manifest(
-    pipeline: Pipeline, frame: pl.DataFrame, files: list[str], stages: list[dict[str, Any]]
-) -> dict[str, Any]:
-    recipe = pipeline.recipe
-    input_success = read_json(pipeline.input_dir / SUCCESS)
+def _manifest(run: FinishedRun, frame: pl.DataFrame, files: list[str]) -> dict[str, Any]:
+    recipe = run.recipe
+    data = run.layout.dataset_data.name
     return {
         "gristmill_version": __version__,
-        "recipe": {"name": recipe.name, "path": recipe.path, "resolved": dict(recipe.raw)},
+        "recipe": {"name": recipe.name, "path": recipe.path, "resolved": recipe.to_dict()},
         "seed": recipe.seed,
-        "engine": recipe.engine.to_mapping() if recipe.engine else None,
+        "engine": (
+            next(iter(recipe.engines.values())).to_mapping() if len(recipe.engines) == 1 else None
+        ),
+        "engines": {name: spec.to_mapping() for name, spec in recipe.engines.items()},
+        "engine_log": _engine_log(run.layout),
         "embedder": recipe.embedder,
         "input": {
-            "dir": pipeline.input_dir.name,
-            "fingerprint": pipeline.input_fingerprint,
-            "rows": input_success["rows_out"],
-            "source": input_success["source"],
+            "dir": run.input_dir.name,
+            "fingerprint": run.input_summary["fingerprint"],
+            "rows": run.input_summary["rows_out"],
+            "source": run.input_summary["source"],
         },
-        "stages": [{**s, "dir": p.dir.name} for s, p in zip(stages, pipeline.stages, strict=True)],
+        "stages": [dict(s) for s in run.stages],
         "dataset": {
-            "dir": DATASET_DIR,
-            "files": [f"data/{f}" for f in files],
+            "dir": run.layout.dataset_dir.name,
+            "files": [f"{data}/{f}" for f in files],
             "rows": frame.height,
             "columns": frame.columns,
-            "fingerprint": pipeline.stages[-1].fingerprint,
+            "fingerprint": run.stages[-1]["fingerprint"],
         },
         "versions": _versions(),
         "python": platform.python_version(),
     }
+
+
+def _engine_log(layout: RunLayout) -> list[dict[str, Any]]:
+    """Every engine start and close of the run (all processes, resumed runs included)."""
+    path = layout.engine_log
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _versions() -> dict[str, str]:
@@ -167,15 +156,14 @@ def _features(path: Path) -> list[dict[str, Any]]:
 
 
 def _card(
-    pipeline: Pipeline,
+    recipe: Recipe,
     frame: pl.DataFrame,
     files: list[str],
     manifest: dict[str, Any],
     features: list[dict[str, Any]],
 ) -> str:
-    recipe = pipeline.recipe
     split = recipe.output.split
-    models = [m for m in [recipe.engine.model if recipe.engine else None, recipe.embedder] if m]
+    models = list(dict.fromkeys([*(e.model for e in recipe.engines.values()), recipe.embedder]))
     front = {
         "configs": [
             {
@@ -196,11 +184,8 @@ def _card(
         f"{', '.join(f'{k}: {v}' for k, v in sorted(s['dropped'].items())) or '-'} |"
         for s in manifest["stages"]
     )
-    cites = "\n".join(
-        f"- **{name}**: {CITATIONS[name]}"
-        for name in dict.fromkeys(s.name for s in recipe.stages)
-        if name in CITATIONS
-    )
+    cited = {type(s).name: type(s).citation for s in recipe.stages if type(s).citation}
+    cites = "\n".join(f"- **{name}**: {cite}" for name, cite in cited.items())
     return (
         "---\n"
         + yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
@@ -217,7 +202,7 @@ def _card(
         + "\n\n## Methods\n\n"
         + (cites or "- none")
         + "\n\n## Recipe\n\n```yaml\n"
-        + yaml.safe_dump(dict(recipe.raw), sort_keys=False, allow_unicode=True)
+        + recipe.to_yaml()
         + "```\n\nFull provenance (fingerprints, per-stage stats, versions): `manifest.json`.\n"
     )
 

@@ -1,13 +1,6 @@
 """The checkpointed, resumable pipeline: input → stages → dataset.
 
-Layout of a run folder:
-
-    DIR/00_input-<fp>/part-00000.parquet ...        the input, split into parts
-    DIR/01_<stage>-<fp>/part-00000.parquet ...      each stage's kept rows, part by part
-    DIR/01_<stage>-<fp>/rejected/part-00000.parquet dropped rows with `drop_reason`
-    DIR/01_<stage>-<fp>/part-00000.stats.json       per-part stats (map stages)
-    DIR/01_<stage>-<fp>/_SUCCESS.json               the stage is complete (fingerprint, stats)
-    DIR/dataset/ and DIR/manifest.json              the finished dataset (see output.py)
+Where each file goes is `RunLayout`'s business (see layout.py).
 
 The fingerprint chains the previous stage's, the stage's name, version and config, and the
 models it uses. A rerun skips stages whose `_SUCCESS.json` matches and, inside a map stage,
@@ -17,12 +10,15 @@ the units the Prefect flow runs as tasks; `run()` runs them in order without Pre
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,30 +28,31 @@ import polars as pl
 
 from gristmill.embed import Embedder, get_embedder
 from gristmill.engines.base import Engine, EngineStats, sum_engine_stats
-from gristmill.engines.factory import EngineSpec, get_engine
+from gristmill.engines.factory import EngineSpec, close_engine, get_engine, is_running
 from gristmill.pipelines.checkpoint import (
-    REJECTED,
-    STATE,
-    SUCCESS,
     atomic_write_json,
     atomic_write_parquet,
     clear_dir,
     parquet_rows,
-    part_name,
     read_json,
     scan_parts,
 )
 from gristmill.pipelines.generators import generate_input
-from gristmill.pipelines.recipe import InputSpec, Recipe
+from gristmill.pipelines.layout import RunLayout, part_name
+from gristmill.pipelines.output import FinishedRun, write_dataset
+from gristmill.pipelines.recipe import Input, Recipe
 from gristmill.pipelines.stage import (
     ROW_COLUMN,
-    GlobalStage,
-    MapStage,
+    Map,
+    Select,
     Stage,
     StageContext,
+    class_path,
     fingerprint,
 )
+from gristmill.reaper import child_pids
 from gristmill.records import DROP_REASON, read_records, validate_frame
+from gristmill.stages import stage_key
 
 log = logging.getLogger("gristmill.pipeline")
 
@@ -86,6 +83,8 @@ class PlannedStage:
     stage: Stage
     fingerprint: str
     dir: Path
+    #: The recipe engines the stage calls, by name.
+    engines: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -93,7 +92,7 @@ class PlannedStage:
 
     @property
     def is_map(self) -> bool:
-        return isinstance(self.stage, MapStage)
+        return isinstance(self.stage, Map)
 
 
 class Pipeline:
@@ -102,8 +101,13 @@ class Pipeline:
     def __init__(self, recipe: Recipe, run_dir: str | Path, *, show_progress: bool = True):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
+        self.layout = RunLayout(self.run_dir)
         self.show_progress = show_progress
-        self._engine_lock = threading.Lock()
+        #: vLLM's in-process engine is not thread-safe: one lock per named engine.
+        self._engine_locks = {name: threading.Lock() for name in recipe.engines}
+        self._lifecycle = threading.Lock()
+        #: Engines this pipeline started in this process (it closes only those).
+        self._started: dict[str, tuple[EngineSpec, list[int]]] = {}
         self._input: pl.DataFrame | None = None
         self.input_fingerprint = fingerprint(
             "input",
@@ -111,65 +115,115 @@ class Pipeline:
             recipe.seed,
             recipe.part_rows,
         )
-        self.input_dir = self.run_dir / f"00_input-{self.input_fingerprint[:10]}"
+        self.input_dir = self.layout.input_dir(self.input_fingerprint)
         self.stages: list[PlannedStage] = []
         prev = self.input_fingerprint
-        for i, entry in enumerate(recipe.stages, start=1):
-            stage = entry.build()
+        for i, stage in enumerate(recipe.stages, start=1):
+            names = recipe.stage_engines(stage, where=f"stage {i} ({stage.name})")
+            identities = [_engine_identity(recipe.engines[n]) for n in names]
             models: dict[str, Any] = {}
-            if stage.uses_engine:
-                if recipe.engine is None:
-                    raise ValueError(
-                        f"stage {stage.name!r} uses an LLM but the recipe has no `engine:`"
-                    )
-                models["engine"] = _engine_identity(recipe.engine)
+            if len(identities) == 1:
+                models["engine"] = identities[0]
+            elif identities:
+                models["engines"] = identities
             if stage.uses_embedder:
                 models["embedder"] = recipe.embedder
             fp = fingerprint(
-                prev, stage.name, stage.version, stage.config_for_fingerprint(), models
+                prev, stage_key(type(stage)), stage.version, stage.config_for_fingerprint(), models
             )
-            stage_dir = self.run_dir / f"{i:02d}_{stage.name}-{fp[:10]}"
-            self.stages.append(PlannedStage(i, stage, fp, stage_dir))
+            folder = self.layout.stage_dir(i, stage.name, fp)
+            self.stages.append(PlannedStage(i, stage, fp, folder, names))
             prev = fp
 
     # ---- models -------------------------------------------------------------------------
-    def engine(self) -> Engine:
-        """The recipe's engine, one per process (see engines.factory)."""
-        if self.recipe.engine is None:
-            raise RuntimeError("the recipe configures no engine")
-        return get_engine(self.recipe.engine)
+    def engine(self, name: str) -> Engine:
+        """The named engine, one per process (see engines.factory); the first call starts it
+        and logs the start in RUN/logs/engines.jsonl."""
+        spec = self.recipe.engines[name]
+        with self._lifecycle:
+            if not is_running(spec):
+                before = child_pids()
+                start = time.perf_counter()
+                get_engine(spec)
+                pids = sorted(child_pids() - before)
+                self._started[name] = (spec, pids)
+                self._log_engine(
+                    "start", name, spec, seconds=round(time.perf_counter() - start, 1), pids=pids
+                )
+            return get_engine(spec)
+
+    def release_engines(self, keep: Collection[str] = ()) -> list[str]:
+        """Close the engines this pipeline started, except those named in `keep` and the
+        resident ones; returns the names closed. An engine someone else started (a test's,
+        a notebook's) is left alone."""
+        keep_specs = {self.recipe.engines[n] for n in keep}
+        closed = []
+        with self._lifecycle:
+            for name, (spec, pids) in list(self._started.items()):
+                if spec in keep_specs or spec.resident:
+                    continue
+                del self._started[name]
+                if close_engine(spec):
+                    alive = _wait_gone(pids, timeout_s=15)
+                    self._log_engine("close", name, spec, pids=pids, left_running=alive)
+                    closed.append(name)
+        return closed
+
+    def _log_engine(self, event: str, name: str, spec: EngineSpec, **extra: Any) -> None:
+        line = {
+            "event": event,
+            "engine": name,
+            "model": spec.model,
+            "backend": spec.backend,
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "process": os.getpid(),
+            **extra,
+        }
+        log.info("engine %s (%s) %s", name, spec.model, event)
+        path = self.layout.engine_log
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:  # one short line: an atomic append
+            fh.write(json.dumps(line) + "\n")
 
     def embedder(self) -> Embedder:
         """The recipe's embedding model, one per process."""
         return get_embedder(self.recipe.embedder)
 
-    def needs_engine(self) -> bool:
-        """Whether any unfinished stage will call the LLM."""
-        return any(p.stage.uses_engine and not self.is_done(p) for p in self.stages)
+    def engines_to_keep(self, planned: PlannedStage) -> tuple[str, ...]:
+        """The engines to keep loaded while `planned` runs: its own, and, when it calls no
+        LLM, those a later unfinished stage needs (no restart around an engine-free stage).
+        Every other engine is closed first: one model resident at a time."""
+        if planned.engines:
+            return planned.engines
+        later = [p for p in self.stages[planned.index :] if not self.is_done(p)]
+        return tuple(dict.fromkeys(n for p in later for n in p.engines))
+
+    def engines_to_start(self) -> list[str]:
+        """The engines some unfinished stage will call (a resumed run starts only these)."""
+        todo = [p for p in self.stages if not self.is_done(p)]
+        return list(dict.fromkeys(n for p in todo for n in p.engines))
 
     def context(self, planned: PlannedStage, part: int = 0) -> StageContext:
         """A fresh context for one stage part (map parts get a private state folder)."""
-        engine_factory: Callable[[], Engine] | None = (
-            self.engine if self.recipe.engine is not None else None
-        )
         return StageContext(
             stage_name=planned.name,
             stage_index=planned.index,
             seed=self.recipe.seed,
             run_dir=self.run_dir,
             part_index=part,
-            engine_factory=engine_factory,
+            engine_names=planned.engines,
+            engine_factory=self.engine,
             embedder_factory=self.embedder,
-            engine_lock=self._engine_lock,
+            engine_locks=self._engine_locks,
             engine_stats=EngineStats(),
             show_progress=self.show_progress,
-            state_dir=planned.dir / STATE / f"part-{part:05d}" if planned.is_map else None,
+            state_dir=self.layout.state(planned.dir, part) if planned.is_map else None,
         )
 
     # ---- input --------------------------------------------------------------------------
     def input_parts(self) -> list[Path]:
         """Split the input into parts of `part_rows` (once; later runs reuse them)."""
-        done = self.input_dir / SUCCESS
+        done = self.layout.success(self.input_dir)
         if done.exists() and read_json(done).get("fingerprint") == self.input_fingerprint:
             return [self.input_dir / p for p in read_json(done)["parts"]]
         spec = self.recipe.input
@@ -180,7 +234,7 @@ class Pipeline:
         step = self.recipe.part_rows
         for k, start in enumerate(range(0, max(frame.height, 1), step)):
             names.append(part_name(k))
-            atomic_write_parquet(frame.slice(start, step), self.input_dir / names[-1])
+            atomic_write_parquet(frame.slice(start, step), self.layout.part(self.input_dir, k))
         atomic_write_json(
             {
                 "stage": "input",
@@ -228,7 +282,7 @@ class Pipeline:
     # ---- status -------------------------------------------------------------------------
     def success(self, planned: PlannedStage) -> dict[str, Any] | None:
         """The stage's `_SUCCESS.json` if it exists and matches its fingerprint."""
-        path = planned.dir / SUCCESS
+        path = self.layout.success(planned.dir)
         if not path.exists():
             return None
         data = read_json(path)
@@ -242,9 +296,9 @@ class Pipeline:
 
     def check_columns(self) -> None:
         """Check every stage's required columns before any model time is spent."""
-        done = self.input_dir / SUCCESS
+        done = self.layout.success(self.input_dir)
         if done.exists() and read_json(done).get("fingerprint") == self.input_fingerprint:
-            available = set(pl.read_parquet_schema(self.input_dir / part_name(0)))
+            available = set(pl.read_parquet_schema(self.layout.part(self.input_dir, 0)))
         else:
             available = set(self.read_input().columns)
         for planned in self.stages:
@@ -256,10 +310,10 @@ class Pipeline:
     # ---- map stages ---------------------------------------------------------------------
     def run_map_part(self, planned: PlannedStage, part: int, input_path: Path) -> Path:
         """Process one input part; skip it when its output already exists (resume)."""
-        out = planned.dir / part_name(part)
+        out = self.layout.part(planned.dir, part)
         if out.exists():
             return out
-        assert isinstance(planned.stage, MapStage)
+        assert isinstance(planned.stage, Map)
         batch = pl.read_parquet(input_path)
         ctx = self.context(planned, part)
         start = time.perf_counter()
@@ -271,7 +325,7 @@ class Pipeline:
             if _is_records(kept):
                 validate_frame(kept, where=f"{planned.dir.name}/{out.name}")
         if rejected.height:
-            atomic_write_parquet(rejected, planned.dir / REJECTED / part_name(part))
+            atomic_write_parquet(rejected, self.layout.rejected(planned.dir, part))
         atomic_write_json(
             {
                 "rows_in": batch.height,
@@ -281,7 +335,7 @@ class Pipeline:
                 "engine": ctx.engine_stats.snapshot(),
                 "extra": ctx.extra_stats,
             },
-            planned.dir / f"part-{part:05d}.stats.json",
+            self.layout.part_stats(planned.dir, part),
         )
         atomic_write_parquet(kept, out)  # last: its presence marks the part done
         if ctx.state_dir is not None and ctx.state_dir.exists():
@@ -292,10 +346,10 @@ class Pipeline:
         """Aggregate part stats into `_SUCCESS.json` once every part exists."""
         inputs = self.stage_input_parts(planned)
         names = [part_name(k) for k in range(len(inputs))]
-        missing = [n for n in names if not (planned.dir / n).exists()]
+        missing = [n for k, n in enumerate(names) if not self.layout.part(planned.dir, k).exists()]
         if missing:
             raise RuntimeError(f"{planned.dir.name}: parts not finished: {missing[:5]}")
-        stats = [read_json(planned.dir / f"part-{k:05d}.stats.json") for k in range(len(inputs))]
+        stats = [read_json(self.layout.part_stats(planned.dir, k)) for k in range(len(inputs))]
         dropped: Counter[str] = Counter()
         for s in stats:
             dropped.update(s["dropped"])
@@ -313,13 +367,13 @@ class Pipeline:
                 "parts": [s["extra"] for s in stats if s["extra"]],
             },
         )
-        atomic_write_json(summary, planned.dir / SUCCESS)
+        atomic_write_json(summary, self.layout.success(planned.dir))
         return summary
 
     # ---- global stages ------------------------------------------------------------------
     def run_global(self, planned: PlannedStage) -> dict[str, Any]:
         """Run a whole-dataset stage (always from scratch: it is atomic)."""
-        assert isinstance(planned.stage, GlobalStage)
+        assert isinstance(planned.stage, Select)
         inputs = self.stage_input_parts(planned)
         clear_dir(planned.dir)
         data = scan_parts(inputs)
@@ -327,18 +381,16 @@ class Pipeline:
         ctx = self.context(planned)
         start = time.perf_counter()
         if rows_in:
-            indexed = data.with_row_index(ROW_COLUMN)
-            chosen = planned.stage.select(indexed, ctx).collect()
+            indexed = data.with_row_index(ROW_COLUMN).collect()
+            chosen = planned.stage.select(indexed, ctx)
             if ROW_COLUMN not in chosen.columns:
                 raise RuntimeError(
                     f"stage {planned.name!r} dropped the internal column {ROW_COLUMN!r}"
                 )
             kept, specific = _split_drops(chosen)
             decided = pl.concat([kept.select(ROW_COLUMN), specific.select(ROW_COLUMN)])
-            unselected = (
-                indexed.join(decided.lazy(), on=ROW_COLUMN, how="anti")
-                .with_columns(pl.lit("not_selected").alias(DROP_REASON))
-                .collect()
+            unselected = indexed.join(decided, on=ROW_COLUMN, how="anti").with_columns(
+                pl.lit("not_selected").alias(DROP_REASON)
             )
             rejected = pl.concat([specific, unselected], how="diagonal_relaxed").sort(ROW_COLUMN)
             kept = kept.sort(ROW_COLUMN).drop(ROW_COLUMN)
@@ -354,9 +406,9 @@ class Pipeline:
         step = self.recipe.part_rows
         for k, begin in enumerate(range(0, max(kept.height, 1), step)):
             names.append(part_name(k))
-            atomic_write_parquet(kept.slice(begin, step), planned.dir / names[-1])
+            atomic_write_parquet(kept.slice(begin, step), self.layout.part(planned.dir, k))
         if rejected.height:
-            atomic_write_parquet(rejected, planned.dir / REJECTED / part_name(0))
+            atomic_write_parquet(rejected, self.layout.rejected(planned.dir, 0))
         summary = self._summary(
             planned,
             rows_in=rows_in,
@@ -368,19 +420,20 @@ class Pipeline:
             engine=ctx.engine_stats.snapshot(),
             extra=ctx.extra_stats,
         )
-        atomic_write_json(summary, planned.dir / SUCCESS)
+        atomic_write_json(summary, self.layout.success(planned.dir))
         return summary
 
     def _summary(self, planned: PlannedStage, **stats: Any) -> dict[str, Any]:
         return {
             "stage": planned.name,
+            "key": stage_key(type(planned.stage)),
+            "class": class_path(type(planned.stage)),
             "index": planned.index,
             "version": planned.stage.version,
             "fingerprint": planned.fingerprint,
             "config": planned.stage.config_for_fingerprint(),
-            "model": self.recipe.engine.model
-            if planned.stage.uses_engine and self.recipe.engine
-            else None,
+            "model": ", ".join(self.recipe.engines[n].model for n in planned.engines) or None,
+            "engines": {n: self.recipe.engines[n].model for n in planned.engines},
             "embedder": self.recipe.embedder if planned.stage.uses_embedder else None,
             "finished_at": _now(),
             **stats,
@@ -389,8 +442,6 @@ class Pipeline:
     # ---- sequential driver --------------------------------------------------------------
     def run(self, progress: Callable[[str], None] | None = None) -> Path:
         """Run every unfinished stage in order, then write the dataset; returns its folder."""
-        from gristmill.pipelines.output import write_dataset
-
         say = progress or log.info
         self.check_columns()
         self.input_parts()
@@ -398,6 +449,7 @@ class Pipeline:
             if self.is_done(planned):
                 say(f"[{planned.index:02d}] {planned.name}: done before, skipped")
                 continue
+            self.release_engines(keep=self.engines_to_keep(planned))
             start = time.perf_counter()
             if planned.is_map:
                 for k, path in enumerate(self.stage_input_parts(planned)):
@@ -406,7 +458,29 @@ class Pipeline:
             else:
                 summary = self.run_global(planned)
             say(_stage_line(summary))
-        return write_dataset(self)
+        self.release_engines()
+        return self.write_dataset()
+
+    def write_dataset(self) -> Path:
+        """Write the dataset folder, its card and the manifest; returns the dataset folder."""
+        return write_dataset(self.finished_run())
+
+    def finished_run(self) -> FinishedRun:
+        """The summaries the outputs are made from (every stage must have finished)."""
+        stages = []
+        for planned in self.stages:
+            success = self.success(planned)
+            if success is None:
+                raise RuntimeError(f"stage {planned.index} ({planned.name}) has not finished")
+            stages.append({**success, "dir": planned.dir.name})
+        return FinishedRun(
+            recipe=self.recipe,
+            layout=self.layout,
+            input_dir=self.input_dir,
+            input_summary=read_json(self.layout.success(self.input_dir)),
+            stages=stages,
+            final_parts=self.final_parts(),
+        )
 
     def final_parts(self) -> list[Path]:
         """Output parts of the last stage."""
@@ -438,10 +512,17 @@ def _stage_line(s: dict[str, Any]) -> str:
 
 
 def _merged_extra(planned: PlannedStage, extras: list[dict[str, Any]]) -> dict[str, Any]:
-    assert isinstance(planned.stage, MapStage)
-    merged = planned.stage.merge_extra(extras)
+    """The stage's typed stats merged from its parts' (none when it declares no `Stats`)."""
+    assert isinstance(planned.stage, Map)
+    stats = planned.stage.Stats
+    if stats is None:
+        return {}
+    parts = [stats.from_dict(e) for e in extras if e]
+    if not parts:
+        return {}
+    merged = stats.merge(parts).to_dict()
     if "parts" in merged:
-        raise RuntimeError(f"stage {planned.name!r}: merge_extra may not set 'parts'")
+        raise RuntimeError(f"stage {planned.name!r}: its Stats may not have a field 'parts'")
     return merged
 
 
@@ -470,17 +551,17 @@ def _check_produced(planned: PlannedStage, frame: pl.DataFrame) -> None:
         raise RuntimeError(f"stage {planned.name!r} did not produce declared column(s) {missing}")
 
 
-def _input_identity(spec: InputSpec) -> dict[str, Any]:
+def _input_identity(spec: Input) -> dict[str, Any]:
     ident: dict[str, Any] = {
         "rows": spec.rows,
         "format": spec.format,
-        "mapping": spec.mapping,
+        "mapping": sorted(spec.mapping.items()),
         "source": spec.source,
         "limit": spec.limit,
     }
     if spec.generator is not None:
         ident["generator"] = spec.generator
-        ident["options"] = spec.options
+        ident["options"] = sorted(spec.options.items())
     if spec.path is not None:
         ident["path_sha256"] = _file_sha256(Path(spec.path))
     return ident
@@ -508,8 +589,28 @@ def _engine_identity(spec: EngineSpec) -> dict[str, Any]:
     return {
         "backend": spec.backend,
         "model": spec.model,
-        "options": {k: v for k, v in spec.options if k not in ENGINE_PERF_OPTIONS},
+        "options": {k: v for k, v in spec.option_pairs() if k not in ENGINE_PERF_OPTIONS},
     }
+
+
+def _wait_gone(pids: Sequence[int], *, timeout_s: float) -> list[int]:
+    """Wait until these processes exit (an engine's helpers after it closed); those still
+    running after `timeout_s`."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    running = []
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p.pid)
+    return sorted(running)
 
 
 def _now() -> str:

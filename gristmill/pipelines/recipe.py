@@ -1,17 +1,17 @@
-"""Recipes: YAML that names the input, the engine and the stages with their configs.
+"""Recipes: the typed object a run is made from (input, engine, stages, output).
 
-`gristmill run recipe.yaml` and the Prefect flow both turn a recipe into the same
-`Pipeline`. `--set KEY=VALUE` overrides any value (`stages.magpie.turns=2`, `input.rows=50`).
+`gm.Recipe(...)` in Python and `Recipe.from_yaml(path)` build the same object; it is what
+runs, what the fingerprints hash, what the manifest records (`to_dict()`: every config
+field resolved) and what task-runner workers receive. `--set KEY=VALUE` overrides any value
+of a recipe file (`stages.magpie.turns=2`, `input.rows=50`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,122 +19,44 @@ import yaml
 
 from gristmill.embed import DEFAULT_EMBEDDER
 from gristmill.engines.factory import EngineSpec
-from gristmill.pipelines.stage import Stage, StageConfig
+from gristmill.pipelines.config import RecipeError, build_dataclass, to_plain
+from gristmill.pipelines.stage import Stage
+from gristmill.stages import build_stage, stage_spec
 
 if TYPE_CHECKING:
-    from gristmill.flows.schedule import ScheduleSpec
+    from gristmill.flows.retry import RetryPolicy
+    from gristmill.flows.runners import RunnerSpec
 
+__all__ = ["FLOW_KEYS", "Input", "Output", "Recipe", "RecipeError", "apply_overrides"]
 
-class RecipeError(ValueError):
-    """A recipe that cannot be run, with the file and key at fault."""
-
-
-def stage_class(name: str) -> type[Stage]:
-    """The stage class for a recipe name (explicit dispatch, imported lazily)."""
-    match name:
-        case "magpie":
-            from gristmill.synth.magpie import Magpie
-
-            return Magpie
-        case "heuristics":
-            from gristmill.filters.heuristics import Heuristics
-
-            return Heuristics
-        case "embed":
-            from gristmill.filters.embed import Embed
-
-            return Embed
-        case "semantic_dedup":
-            from gristmill.filters.dedup import SemanticDedup
-
-            return SemanticDedup
-        case "kmeans":
-            from gristmill.selectors.kmeans import KMeansSelect
-
-            return KMeansSelect
-        case "random":
-            from gristmill.selectors.baselines import RandomSelect
-
-            return RandomSelect
-        case "topk":
-            from gristmill.selectors.baselines import TopKSelect
-
-            return TopKSelect
-        case "rejection":
-            from gristmill.synth.rejection import RejectionSample
-
-            return RejectionSample
-        case "dart":
-            from gristmill.synth.dart import Dart
-
-            return Dart
-        case "hint_infer":
-            from gristmill.synth.hint_infer import HintInfer
-
-            return HintInfer
-        case "exact_dedup":
-            from gristmill.filters.dedup import ExactDedup
-
-            return ExactDedup
-        case "minhash_dedup":
-            from gristmill.filters.dedup import MinHashDedup
-
-            return MinHashDedup
-        case "decontam":
-            from gristmill.filters.decontam import Decontam
-
-            return Decontam
-        case "clear":
-            from gristmill.filters.clear import Clear
-
-            return Clear
-        case "grape":
-            from gristmill.selectors.grape import GrapeSelect
-
-            return GrapeSelect
-        case "s2l":
-            from gristmill.selectors.s2l import S2LSelect
-
-            return S2LSelect
-        case _:
-            raise RecipeError(f"unknown stage {name!r}; known: {', '.join(STAGE_NAMES)}")
-
-
-STAGE_NAMES = (
-    "magpie",
-    "rejection",
-    "dart",
-    "hint_infer",
-    "heuristics",
-    "embed",
-    "semantic_dedup",
-    "exact_dedup",
-    "minhash_dedup",
-    "decontam",
-    "clear",
-    "kmeans",
-    "grape",
-    "s2l",
-    "random",
-    "topk",
-)
+#: Top-level keys of a recipe file that the flows layer reads (`gristmill serve`'s
+#: schedule); they are not part of the recipe a pipeline runs.
+FLOW_KEYS = ("schedule",)
 
 
 @dataclass(frozen=True, kw_only=True)
-class InputSpec:
+class Input:
     """Where records come from: a file (with a column mapping), N blank seed rows, or N rows
     from a built-in generator (`generator: arith`, with its `options`)."""
 
     path: str | None = None
     format: str | None = None
-    mapping: tuple[tuple[str, str], ...] = ()
+    #: Record field -> input column, e.g. `{prompt: instruction, response: output}`.
+    mapping: Mapping[str, str] = field(default_factory=dict)
     source: str | None = None
     rows: int | None = None
     limit: int | None = None
     generator: str | None = None
-    options: tuple[tuple[str, Any], ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.path, Path):
+            object.__setattr__(self, "path", str(self.path))
+        for key in ("mapping", "options"):
+            value = getattr(self, key)
+            if not isinstance(value, Mapping):
+                raise RecipeError(f"input.{key} must be a mapping, got {value!r}")
+            object.__setattr__(self, key, dict(sorted(value.items())))
         if (self.path is None) == (self.rows is None):
             raise RecipeError("input: give exactly one of `path` (a dataset file) or `rows`")
         if self.rows is not None and self.rows < 1:
@@ -146,7 +68,7 @@ class InputSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OutputSpec:
+class Output:
     """How the final dataset is written."""
 
     shard_rows: int = 100_000
@@ -160,52 +82,218 @@ class OutputSpec:
         "records"
     )
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "drop_columns", tuple(self.drop_columns))
 
-@dataclass(frozen=True, kw_only=True)
-class StageEntry:
-    """One stage of a recipe: its class and validated config."""
 
-    cls: type[Stage]
-    config: StageConfig
+#: Recipe fields in the order `to_dict` writes them.
+RECIPE_KEYS = ("name", "seed", "part_rows", "input", "engines", "embedder", "stages", "output")
 
-    @property
-    def name(self) -> str:
-        return self.cls.name
-
-    def build(self) -> Stage:
-        """Instantiate the stage."""
-        return self.cls(self.config)
+#: The name a recipe's single `engine:` gets among its `engines`.
+DEFAULT_ENGINE = "default"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """A validated recipe. `raw` is the resolved YAML mapping, kept for provenance."""
+    """A validated recipe. Every field but `stages` has a default; plain mappings are
+    accepted where typed objects are (`input={"rows": 10}`, `stages=[{"random": {...}}]`), so
+    `Recipe(**recipe.to_dict()) == recipe`."""
 
-    name: str
-    seed: int
-    part_rows: int
-    input: InputSpec
-    engine: EngineSpec | None
-    embedder: str
-    stages: tuple[StageEntry, ...]
-    output: OutputSpec
-    raw: Mapping[str, Any]
-    path: str | None = None
-    #: When `gristmill serve` runs it (cron or interval); not part of any fingerprint.
-    schedule: ScheduleSpec | None = None
+    stages: tuple[Stage, ...]
+    name: str = "recipe"
+    seed: int = 0
+    part_rows: int = 64
+    #: Blank seed rows by default: what a synth-from-nothing stage (Magpie) starts from.
+    input: Input = field(default_factory=lambda: Input(rows=100))
+    #: The LLM engines by name (`{"teacher": Engine(...), "target": Engine(...)}`); each LLM
+    #: stage says which it uses (`engine=NAME`), defaulting to the only one. A YAML recipe's
+    #: single `engine:` is named `default`.
+    engines: Mapping[str, EngineSpec] = field(default_factory=dict)
+    embedder: str = DEFAULT_EMBEDDER
+    output: Output = field(default_factory=Output)
+    #: The file it was read from (provenance only: not part of what runs or compares).
+    path: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        where = self.path or "recipe"
+        set_ = object.__setattr__
+        set_(self, "stages", _stages(self.stages, where=where))
+        if isinstance(self.input, Mapping):
+            set_(self, "input", build_dataclass(Input, self.input, where=f"{where}: input"))
+        if isinstance(self.output, Mapping):
+            set_(self, "output", build_dataclass(Output, self.output, where=f"{where}: output"))
+        set_(self, "engines", _engines(self.engines, where=where))
+        if isinstance(self.embedder, Mapping):
+            set_(self, "embedder", str(self.embedder.get("model", DEFAULT_EMBEDDER)))
+        for key, cls in (("input", Input), ("output", Output)):
+            if not isinstance(getattr(self, key), cls):
+                raise RecipeError(f"{where}: {key} must be a {cls.__name__} or a mapping")
+        for i, stage in enumerate(self.stages):
+            self.stage_engines(stage, where=f"{where}: stages[{i}] ({stage.name})")
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError(f"{where}: name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise RecipeError(f"{where}: seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.part_rows, int) or isinstance(self.part_rows, bool):
+            raise RecipeError(f"{where}: part_rows must be a positive integer")
+        if self.part_rows < 1:
+            raise RecipeError(
+                f"{where}: part_rows must be a positive integer, got {self.part_rows}"
+            )
+
+    # ---- engines ----------------------------------------------------------------------
+    @property
+    def engine(self) -> EngineSpec | None:
+        """The recipe's engine when it has one (None when it has none)."""
+        if len(self.engines) > 1:
+            raise AttributeError(
+                f"recipe {self.name!r} has engines {sorted(self.engines)}: use .engines[name]"
+            )
+        return next(iter(self.engines.values()), None)
+
+    def stage_engines(self, stage: Stage, *, where: str = "recipe") -> tuple[str, ...]:
+        """The names of the engines `stage` calls, resolved (a stage naming none gets the
+        recipe's only engine); an unknown or missing engine is an error."""
+        names: list[str] = []
+        for name in stage.engine_names():
+            if name is None:
+                if len(self.engines) != 1:
+                    raise RecipeError(
+                        f"{where}: the stage calls an LLM; "
+                        + (
+                            "the recipe has no `engine:`"
+                            if not self.engines
+                            else f"name one of the recipe's engines {sorted(self.engines)} "
+                            "with `engine: NAME`"
+                        )
+                    )
+                name = next(iter(self.engines))
+            if name not in self.engines:
+                raise RecipeError(
+                    f"{where}: engine {name!r} is not one of the recipe's engines "
+                    f"{sorted(self.engines)}"
+                )
+            names.append(name)
+        return tuple(names)
+
+    # ---- front-ends -------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+        """Read a YAML recipe, apply `KEY=VALUE` overrides, validate everything."""
+        raw = apply_overrides(read_recipe_raw(path), overrides, where=str(path))
+        data = {k: v for k, v in raw.items() if k not in FLOW_KEYS}
+        return cls.from_dict(data, where=str(path), path=str(path))
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, where: str = "recipe", path: str | None = None
+    ) -> Recipe:
+        """Validate a recipe mapping (a parsed YAML file, or `to_dict()`'s output)."""
+        fields: dict[str, Any] = copy.deepcopy(dict(data))
+        unknown = sorted(set(fields) - {*RECIPE_KEYS, "engine"})
+        if unknown:
+            raise RecipeError(
+                f"{where}: unknown top-level key(s) {unknown}; valid: {', '.join(RECIPE_KEYS)}"
+            )
+        stages = fields.pop("stages", None)
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError(f"{where}: `stages` must be a non-empty list")
+        if "input" in fields and not isinstance(fields["input"], Mapping):
+            raise RecipeError(f"{where}: `input` must be a mapping with `path` or `rows`")
+        single = fields.pop("engine", None)
+        if single is not None:
+            if fields.get("engines"):
+                raise RecipeError(f"{where}: give `engine:` (one) or `engines:` (named), not both")
+            fields["engines"] = {DEFAULT_ENGINE: single}
+        if fields.get("engines") is None:
+            fields.pop("engines", None)
+        if "name" not in fields or fields["name"] is None:
+            fields["name"] = Path(path).stem if path else "recipe"
+        fields["name"] = str(fields["name"])
+        parsed = tuple(
+            build_stage(item, where=f"{where}: stages[{i}]") for i, item in enumerate(stages)
+        )
+        return cls(stages=parsed, path=path, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data: every field, every stage's whole config (defaults
+        filled in), each stage as `{key: {field: value}}`. `from_dict` reads it back."""
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "part_rows": self.part_rows,
+            "input": to_plain(self.input),
+            "engines": {name: spec.to_mapping() for name, spec in self.engines.items()},
+            "embedder": self.embedder,
+            "stages": [stage_spec(s) for s in self.stages],
+            "output": to_plain(self.output),
+        }
+
+    def to_yaml(self) -> str:
+        """`to_dict()` as YAML, a recipe file `gristmill run` takes."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with some fields changed (`recipe.replace(seed=1)`)."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- running ----------------------------------------------------------------------
+    def run(
+        self,
+        out_dir: str | Path,
+        *,
+        runner: str | RunnerSpec = "threads",
+        workers: int = 1,
+        threads_per_worker: int = 1,
+        address: str | None = None,
+        retry: RetryPolicy | None = None,
+        show_progress: bool = True,
+    ) -> Path:
+        """Run this recipe into `out_dir` as `gristmill run` does (the same Prefect flow, task
+        runner and resume); returns the dataset folder."""
+        # The flows layer drives pipelines; it is imported here, when a run starts, so that
+        # building and checking a recipe needs neither Prefect nor a task runner.
+        from gristmill.flows.recipe import run_recipe
+        from gristmill.flows.runners import RunnerSpec
+
+        spec = (
+            runner
+            if isinstance(runner, RunnerSpec)
+            else RunnerSpec(
+                kind=runner,
+                workers=workers,
+                threads_per_worker=threads_per_worker,
+                address=address,
+            )
+        )
+        return run_recipe(self, out_dir, runner=spec, retry=retry, show_progress=show_progress)
 
 
-TOP_KEYS = {
-    "name",
-    "seed",
-    "part_rows",
-    "input",
-    "engine",
-    "embedder",
-    "stages",
-    "output",
-    "schedule",
-}
+def _engines(value: object, *, where: str) -> dict[str, EngineSpec]:
+    """Named engine specs, from specs or from mappings."""
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{where}: engines must be a mapping of names to engines")
+    out: dict[str, EngineSpec] = {}
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name:
+            raise RecipeError(f"{where}: engine names must be non-empty strings, got {name!r}")
+        if isinstance(spec, Mapping):
+            try:
+                spec = EngineSpec.from_mapping(spec)
+            except (TypeError, ValueError) as exc:
+                raise RecipeError(f"{where}: engines.{name}: {exc}") from exc
+        if not isinstance(spec, EngineSpec):
+            raise RecipeError(f"{where}: engines.{name} must be an Engine or a mapping")
+        out[name] = spec
+    return out
+
+
+def _stages(items: object, *, where: str) -> tuple[Stage, ...]:
+    if isinstance(items, str | Mapping | Stage) or not isinstance(items, Sequence):
+        raise RecipeError(f"{where}: `stages` must be a list of stages")
+    if not items:
+        raise RecipeError(f"{where}: `stages` must be a non-empty list")
+    return tuple(build_stage(item, where=f"{where}: stages[{i}]") for i, item in enumerate(items))
 
 
 def read_recipe_raw(path: str | Path) -> dict[str, Any]:
@@ -220,145 +308,6 @@ def read_recipe_raw(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping at the top level")
     return raw
-
-
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply `KEY=VALUE` overrides, validate everything."""
-    raw = apply_overrides(read_recipe_raw(path), overrides, where=str(path))
-    return recipe_from_mapping(raw, where=str(path), path=str(path))
-
-
-def recipe_from_mapping(raw: Mapping[str, Any], *, where: str, path: str | None = None) -> Recipe:
-    """Validate a recipe mapping (already overridden)."""
-    raw = copy.deepcopy(dict(raw))
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise RecipeError(f"{where}: unknown top-level key(s) {sorted(unknown)}")
-    stages_raw = raw.get("stages")
-    if not isinstance(stages_raw, list) or not stages_raw:
-        raise RecipeError(f"{where}: `stages` must be a non-empty list")
-    stages = tuple(
-        _stage_entry(item, where=f"{where}: stages[{i}]") for i, item in enumerate(stages_raw)
-    )
-    input_raw = raw.get("input")
-    if not isinstance(input_raw, dict):
-        raise RecipeError(f"{where}: `input` must be a mapping with `path` or `rows`")
-    input_raw = dict(input_raw)
-    for key in ("mapping", "options"):
-        if isinstance(input_raw.get(key), dict):
-            input_raw[key] = tuple(sorted(input_raw[key].items()))
-    engine_raw = raw.get("engine")
-    try:
-        engine = EngineSpec.from_mapping(engine_raw) if engine_raw else None
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{where}: engine: {exc}") from exc
-    embed_raw = raw.get("embedder", DEFAULT_EMBEDDER)
-    embedder = (
-        embed_raw.get("model", DEFAULT_EMBEDDER) if isinstance(embed_raw, dict) else embed_raw
-    )
-    seed = raw.get("seed", 0)
-    part_rows = raw.get("part_rows", 64)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise RecipeError(f"{where}: seed must be an integer, got {seed!r}")
-    if not isinstance(part_rows, int) or part_rows < 1:
-        raise RecipeError(f"{where}: part_rows must be a positive integer, got {part_rows!r}")
-    schedule = None
-    if raw.get("schedule") is not None:
-        from gristmill.flows.schedule import ScheduleSpec
-
-        schedule = ScheduleSpec.from_mapping(raw["schedule"], where=where)
-    return Recipe(
-        schedule=schedule,
-        name=str(raw.get("name") or (Path(path).stem if path else "recipe")),
-        seed=seed,
-        part_rows=part_rows,
-        input=build_dataclass(InputSpec, input_raw, where=f"{where}: input"),
-        engine=engine,
-        embedder=str(embedder),
-        stages=stages,
-        output=build_dataclass(OutputSpec, raw.get("output") or {}, where=f"{where}: output"),
-        raw=raw,
-        path=path,
-    )
-
-
-def _stage_entry(item: object, *, where: str) -> StageEntry:
-    cfg: Any
-    if isinstance(item, str):
-        name, cfg = item, {}
-    elif isinstance(item, dict) and len(item) == 1:
-        ((name, cfg),) = item.items()
-        cfg = cfg or {}
-    else:
-        raise RecipeError(f"{where}: write a stage as `- name: {{config}}` or `- name`")
-    if not isinstance(cfg, dict):
-        raise RecipeError(f"{where}: config of stage {name!r} must be a mapping")
-    cls = stage_class(str(name))
-    config = build_dataclass(cls.Config, cfg, where=f"{where} ({name})")
-    return StageEntry(cls=cls, config=config)
-
-
-def build_dataclass(cls: type[Any], values: Mapping[str, Any], *, where: str) -> Any:
-    """Build a frozen config dataclass from YAML values, checking names and simple types."""
-    if not isinstance(values, Mapping):
-        raise RecipeError(f"{where}: expected a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise RecipeError(
-            f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(cls)
-    converted = {k: _coerce(v, hints[k], where=f"{where}.{k}") for k, v in values.items()}
-    try:
-        return cls(**converted)
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{where}: {exc}") from exc
-
-
-def _coerce(value: Any, hint: Any, *, where: str) -> Any:
-    """Convert YAML lists to tuples and check scalars against a type hint."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where=where)
-            except RecipeError as exc:
-                errors.append(str(exc))
-        raise RecipeError(f"{where}: {value!r} does not fit {hint}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise RecipeError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where=f"{where}[{i}]") for i, v in enumerate(value))
-        return tuple(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, where: str) -> dict[str, Any]:

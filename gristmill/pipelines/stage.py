@@ -1,18 +1,29 @@
-"""Stage bases: MapStage (streams one batch at a time) and GlobalStage (sees everything).
+"""Stage bases: Map (one batch at a time), Filter (one row at a time), Select (everything).
 
-A stage is a small class with a frozen, keyword-only config dataclass, declared
-`requires`/`produces` columns (checked before any model time is spent) and one method.
-The pipeline owns batching, checkpoints, stats and the `rejected/` side output: a stage
-marks rows to drop by setting `drop_reason`, it never writes files itself.
+A stage class declares itself: its name, version, kind, citation, config fields, and the
+columns it requires and produces (checked before any model time is spent). Config is either
+annotated class attributes (datatrove style, for users' own stages):
+
+    class MinWords(gm.Filter):
+        min_words: int = 40
+        def keep(self, row): return len(row["response"].split()) >= self.min_words or "short"
+
+or, for stages with validation of their own, a frozen `Config` dataclass. Either way a stage
+is built with keyword config (`MinWords(min_words=20)`) or from a recipe, through the same
+checks. The pipeline owns batching, checkpoints, stats and the `rejected/` side output: a
+stage marks rows to drop with `drop_reason`, it never writes files itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import re
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +39,9 @@ from gristmill.engines.base import (
     Sampling,
     per_prompt,
 )
+from gristmill.pipelines.config import RecipeError, build_dataclass
+from gristmill.pipelines.stats import ExtraStats
+from gristmill.records import DROP_REASON
 
 if TYPE_CHECKING:
     from gristmill.embed import Embedder
@@ -38,14 +52,44 @@ class StageConfig:
     """Base of every stage config: frozen and keyword-only, so it can be fingerprinted."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class LLMConfig(StageConfig):
+    """Config of a stage that calls an LLM: which of the recipe's named engines it uses."""
+
+    #: A name from the recipe's `engines:`; None: the recipe's only engine.
+    engine: str | None = None
+
+
+#: Config fields that name engines: the engines' identity enters the fingerprint, not the
+#: names, so renaming an engine in a recipe recomputes nothing.
+ENGINE_FIELDS = frozenset({"engine", "engines"})
+
+
+def class_path(cls: type) -> str:
+    """`package.module:Class`, the name a recipe uses for a stage that is not built in."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+#: Names a stage's annotated config attributes may not take (the base class uses them).
+_RESERVED = frozenset({"config", "name", "version", "kind", "citation", "Config", "Stats"})
+
+
 class Stage:
     """Common declarations of every stage."""
 
-    #: Name used in recipes and run folders.
+    #: Name used in run folders, stats and the catalog (built-in stages: also in recipes).
     name: ClassVar[str] = "stage"
     #: Bump when a change to the code changes the output for the same config.
     version: ClassVar[str] = "1"
-    #: The config dataclass this stage takes.
+    #: synth, filter, map, select, dedup... (the README's stage table).
+    kind: ClassVar[str] = "stage"
+    #: The method's paper, for the dataset card; None for plain data plumbing.
+    citation: ClassVar[str | None] = None
+    #: The config dataclass this stage takes (derived from annotated attributes if not set).
     Config: ClassVar[type[StageConfig]] = StageConfig
     #: Config fields that do not change the output (batching, concurrency): not fingerprinted.
     unhashed: ClassVar[frozenset[str]] = frozenset()
@@ -53,14 +97,61 @@ class Stage:
     uses_engine: ClassVar[bool] = False
     #: Whether the stage calls the embedding model (its id then enters the fingerprint).
     uses_embedder: ClassVar[bool] = False
+    #: Whether config fields are also plain attributes (`self.min_words`): set for configs
+    #: declared as annotated class attributes.
+    _config_attributes: ClassVar[bool] = False
 
-    def __init__(self, config: StageConfig | None = None) -> None:
-        cfg = config if config is not None else self.Config()
-        if not isinstance(cfg, self.Config):
-            raise TypeError(
-                f"stage {self.name!r} takes {self.Config.__name__}, got {type(cfg).__name__}"
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = _snake(cls.__name__)
+        declared = _declared_fields(cls)
+        if declared and "Config" not in cls.__dict__:
+            config = dataclasses.make_dataclass(
+                f"{cls.__name__}Config", declared, bases=(cls.Config,), frozen=True, kw_only=True
             )
-        self.config = cfg
+            # found (and pickled) as the stage's attribute: `my_stages.MinWords.Config`
+            config.__module__ = cls.__module__
+            config.__qualname__ = f"{cls.__qualname__}.Config"
+            cls.Config = config
+            cls._config_attributes = True
+
+    def __init__(self, config: StageConfig | None = None, /, **values: Any) -> None:
+        if config is not None and values:
+            raise TypeError(f"stage {self.name!r}: give a config object or keywords, not both")
+        if config is None:
+            config = build_dataclass(self.Config, values, where=f"stage {self.name!r}")
+        if not isinstance(config, self.Config):
+            raise TypeError(
+                f"stage {self.name!r} takes {self.Config.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        if self._config_attributes:
+            for f in dataclasses.fields(config):
+                setattr(self, f.name, getattr(config, f.name))
+        try:
+            self.validate()
+        except ValueError as exc:
+            raise RecipeError(f"stage {self.name!r}: {exc}") from exc
+
+    def validate(self) -> None:
+        """Check the config (raise ValueError with the reason); called once when built."""
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Stage) and type(other) is type(self) and other.config == self.config
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.config))
+
+    def __repr__(self) -> str:
+        changed = ", ".join(
+            f"{f.name}={getattr(self.config, f.name)!r}"
+            for f in dataclasses.fields(self.config)
+            if _differs_from_default(f, getattr(self.config, f.name))
+        )
+        return f"{type(self).__name__}({changed})"
 
     def requires(self) -> tuple[str, ...]:
         """Columns that must exist in the input."""
@@ -79,12 +170,19 @@ class Stage:
                 f"but its input only has {sorted(available)}"
             )
 
+    def engine_names(self) -> tuple[str | None, ...]:
+        """The recipe engines this stage calls, by name (None: the recipe's only engine)."""
+        if not self.uses_engine:
+            return ()
+        return (getattr(self.config, "engine", None),)
+
     def config_for_fingerprint(self) -> dict[str, Any]:
         """The config fields that change output, as JSON-able values; unhashable is an error."""
+        skip = self.unhashed | (ENGINE_FIELDS if self.uses_engine else frozenset())
         values = {
             f.name: getattr(self.config, f.name)
             for f in dataclasses.fields(self.config)
-            if f.name not in self.unhashed
+            if f.name not in skip
         }
         try:
             json.dumps(values, sort_keys=True, default=_strict_json)
@@ -93,32 +191,102 @@ class Stage:
         return values
 
 
-class MapStage(Stage):
+def _declared_fields(cls: type) -> list[tuple[str, Any, Any]]:
+    """The class's own annotated, non-ClassVar attributes as dataclass field specs."""
+    own = inspect.get_annotations(cls)
+    if not own or "Config" in cls.__dict__:
+        return []
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:  # a forward reference the class's module cannot resolve
+        raise TypeError(
+            f"stage {cls.__qualname__}: cannot read its config annotations: {exc}"
+        ) from exc
+    out: list[tuple[str, Any, Any]] = []
+    for name in own:
+        hint = hints[name]
+        if typing.get_origin(hint) is ClassVar or name.startswith("_") or name == "config":
+            continue
+        if name in _RESERVED:
+            raise TypeError(f"stage {cls.__qualname__}: {name!r} cannot be a config field")
+        default = cls.__dict__.get(name, dataclasses.MISSING)
+        if isinstance(default, list | dict | set):
+            raise TypeError(
+                f"stage {cls.__qualname__}: config field {name!r} has a mutable default "
+                f"{default!r}; use a tuple"
+            )
+        out.append((name, hint, dataclasses.field(default=default)))
+    return out
+
+
+def _differs_from_default(f: dataclasses.Field[Any], value: object) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return bool(value != f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value != f.default_factory())
+    return True
+
+
+class Map(Stage):
     """A row-local stage: sees one batch, returns its rows (plus `drop_reason` for drops)."""
+
+    kind: ClassVar[str] = "map"
+    #: The typed statistics its parts record in `ctx.extra_stats` (merged per stage).
+    Stats: ClassVar[type[ExtraStats] | None] = None
 
     def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Transform one batch. Set `drop_reason` (non-null) on rows to reject."""
         raise NotImplementedError
 
-    def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Combine the parts' `extra_stats` into stage-level stats (default: none)."""
-        return {}
+
+class Filter(Map):
+    """A stage that keeps or drops one row at a time: `keep(row)` returns True to keep it,
+    False to drop it (the drop reason is the stage's name) or a drop-reason string."""
+
+    kind: ClassVar[str] = "filter"
+
+    def keep(self, row: dict[str, Any]) -> bool | str:
+        """Whether to keep `row` (a dict of its columns), or why not."""
+        raise NotImplementedError
+
+    def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        """Ask `keep` about every row; rows already dropped upstream keep their reason."""
+        reasons: list[str | None] = []
+        for i, row in enumerate(batch.iter_rows(named=True)):
+            verdict = self.keep(row)
+            if isinstance(verdict, str) and verdict:
+                reasons.append(verdict)
+            elif isinstance(verdict, bool) or type(verdict).__name__ == "bool_":
+                reasons.append(None if verdict else self.name)
+            else:
+                who = f"id {row['id']!r}" if "id" in row else f"row {i}"
+                raise TypeError(
+                    f"stage {self.name!r}: keep() must return True, False or a drop reason "
+                    f"(a non-empty string); it returned {verdict!r} for {who}"
+                )
+        new = pl.Series(DROP_REASON, reasons, dtype=pl.String)
+        if DROP_REASON in batch.columns:
+            new = batch.get_column(DROP_REASON).cast(pl.String).fill_null(new)
+        return batch.with_columns(new.alias(DROP_REASON))
 
 
-#: Internal column the pipeline adds before `GlobalStage.select` (position in the input)
+#: Internal column the pipeline adds before `Select.select` (position in the input)
 #: and uses to find rows that were not chosen. Stages must pass it through untouched.
 ROW_COLUMN = "_gm_row"
 
 
-class GlobalStage(Stage):
+class Select(Stage):
     """A whole-dataset stage (selectors, dedup): returns the chosen rows.
 
-    Rows absent from the result go to `rejected/` with drop reason `not_selected`; a result
-    may also keep rows with a non-null `drop_reason` to give a more specific reason.
-    The input's row order is the data order ("earliest" means smallest ROW_COLUMN).
+    `select` gets the whole input, collected and in input order ("earliest" means first),
+    with the internal ROW_COLUMN that the result must keep. Rows absent from the result go
+    to `rejected/` with drop reason `not_selected`; a result may also keep rows with a
+    non-null `drop_reason` to give a more specific reason.
     """
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    kind: ClassVar[str] = "select"
+
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Choose rows of `data`."""
         raise NotImplementedError
 
@@ -213,9 +381,13 @@ class StageContext:
     seed: int
     run_dir: Path
     part_index: int = 0
-    engine_factory: Callable[[], Engine] | None = None
+    #: The recipe engines this stage may call, by name; the first is its default.
+    engine_names: tuple[str, ...] = ("default",)
+    #: Starts (or returns) the named engine.
+    engine_factory: Callable[[str], Engine] | None = None
     embedder_factory: Callable[[], Embedder] | None = None
-    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: One lock per named engine, shared by every part of the run in this process.
+    engine_locks: dict[str, threading.Lock] = field(default_factory=dict)
     engine_stats: EngineStats = field(default_factory=EngineStats)
     show_progress: bool = True
     #: A folder private to this stage part for resumable intermediate state (rounds of a
@@ -224,14 +396,22 @@ class StageContext:
     #: Stage-specific statistics (cluster sizes, thresholds used...) saved in _SUCCESS.json.
     extra_stats: dict[str, Any] = field(default_factory=dict)
 
-    def engine(self) -> MeteredEngine:
-        """The run's LLM engine (created on first use, shared by the whole process)."""
-        if self.engine_factory is None:
+    def engine(self, name: str | None = None) -> MeteredEngine:
+        """A recipe engine this stage declared (None: its first), started on first use and
+        shared by the whole process."""
+        if self.engine_factory is None or not self.engine_names:
             raise RuntimeError(
                 f"stage {self.stage_name!r} needs an LLM engine but the recipe configures none "
-                "(add an `engine:` section)"
+                "(add an `engine:` or `engines:` section)"
             )
-        return MeteredEngine(self.engine_factory(), self.engine_stats, self.engine_lock)
+        name = self.engine_names[0] if name is None else name
+        if name not in self.engine_names:
+            raise RuntimeError(
+                f"stage {self.stage_name!r} asked for engine {name!r} but declared only "
+                f"{list(self.engine_names)} (see Stage.engine_names)"
+            )
+        lock = self.engine_locks.setdefault(name, threading.Lock())
+        return MeteredEngine(self.engine_factory(name), self.engine_stats, lock)
 
     def embedder(self) -> Embedder:
         """The run's embedding model (created on first use, shared by the whole process)."""

@@ -11,13 +11,8 @@ from typing import ClassVar
 import numpy as np
 import polars as pl
 
-from gristmill.pipelines.stage import ROW_COLUMN, GlobalStage, StageConfig, StageContext
+from gristmill.pipelines.stage import Select, StageConfig, StageContext
 from gristmill.selectors import check_budget, resolve_budget
-
-
-def in_input_order(frame: pl.DataFrame) -> pl.DataFrame:
-    """`frame` sorted by the pipeline's row column when it has one."""
-    return frame.sort(ROW_COLUMN) if ROW_COLUMN in frame.columns else frame
 
 
 def score_values(frame: pl.DataFrame, column: str, *, where: str) -> np.ndarray:
@@ -50,23 +45,23 @@ class RandomConfig(StageConfig):
         check_budget(self.budget, where="random config")
 
 
-class RandomSelect(GlobalStage):
-    """A seeded uniform sample of `budget` rows without replacement."""
+class RandomSelect(Select):
+    """Baseline: a seeded uniform sample of `budget` rows without replacement."""
 
     name: ClassVar[str] = "random"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "selector"
     Config: ClassVar[type[StageConfig]] = RandomConfig
     config: RandomConfig
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Sample rows uniformly; return them in input order."""
-        frame = in_input_order(data.collect())
-        n = frame.height
+        n = data.height
         budget = resolve_budget(self.config.budget, n)
         seed = self.config.seed if self.config.seed is not None else ctx.derive_seed("random")
         chosen = np.random.default_rng(seed).choice(n, size=budget, replace=False)
         ctx.extra_stats.update({"budget": budget, "rows": n, "seed": seed})
-        return frame[np.sort(chosen)].lazy()
+        return data[np.sort(chosen)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,30 +79,30 @@ class TopKConfig(StageConfig):
             raise ValueError("topk config: score_column must be a non-empty column name")
 
 
-class TopKSelect(GlobalStage):
-    """The `budget` best rows by a score column; ties go to the earlier row."""
+class TopKSelect(Select):
+    """Baseline: the `budget` best rows by a score column; ties go to the earlier row."""
 
     name: ClassVar[str] = "topk"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "selector"
     Config: ClassVar[type[StageConfig]] = TopKConfig
     config: TopKConfig
 
     def requires(self) -> tuple[str, ...]:
         return (self.config.score_column,)
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Rank by score (stable, so earlier rows win ties); return the top in input order."""
         cfg = self.config
-        frame = in_input_order(data.collect())
-        scores = score_values(frame, cfg.score_column, where=f"stage {self.name!r}")
-        budget = resolve_budget(cfg.budget, frame.height)
+        scores = score_values(data, cfg.score_column, where=f"stage {self.name!r}")
+        budget = resolve_budget(cfg.budget, data.height)
         order = np.argsort(-scores if cfg.largest else scores, kind="stable")
         chosen = np.sort(order[:budget])
         ctx.extra_stats.update(
             {
                 "budget": budget,
-                "rows": frame.height,
+                "rows": data.height,
                 "score_cutoff": float(scores[order[budget - 1]]) if budget else None,
             }
         )
-        return frame[chosen].lazy()
+        return data[chosen]

@@ -42,24 +42,35 @@ from typing import Any, ClassVar, Literal, Protocol
 import numpy as np
 import polars as pl
 
-from gristmill.engines.base import Message, Messages
-from gristmill.pipelines.stage import GlobalStage, StageConfig, StageContext
+from gristmill.engines.base import (
+    ChatRenderer,
+    Message,
+    Messages,
+    PromptFormat,
+    render_prompt,
+    uses_chat_template,
+)
+from gristmill.pipelines.stage import LLMConfig, Select, StageConfig, StageContext
 from gristmill.records import DROP_REASON, score_column
-from gristmill.selectors.baselines import in_input_order
 
 SCORE = score_column("grape")
 TOKENS = "grape_tokens"
 RANK = "grape_rank"
 
 
-class LogprobEngine(Protocol):
+class LogprobEngine(ChatRenderer, Protocol):
     """The part of the engine protocol GRAPE needs (an Engine or a stage's MeteredEngine)."""
 
     def prompt_logprobs(self, texts: Sequence[str]) -> list[list[float | None]]: ...
 
-    def chat_prompt(self, messages: Messages, *, add_generation_prompt: bool = True) -> str: ...
-
     def count_tokens(self, text: str) -> int: ...
+
+
+def scoring_prompt(engine: LogprobEngine, messages: Messages, fmt: PromptFormat) -> str:
+    """The text a response is appended to for scoring: the generation prompt in `fmt` (a
+    plain transcript gets the space its `Assistant:` turns put before the reply)."""
+    prompt = render_prompt(engine, messages, fmt=fmt)
+    return prompt if uses_chat_template(engine, fmt) else prompt + " "
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,7 @@ def score_responses(
     normalize: bool = True,
     batch_size: int = 64,
     max_tokens: int | None = None,
+    prompt_format: PromptFormat = "auto",
 ) -> list[ResponseScore]:
     """GRAPE scores with their token counts: one prompt-logprobs call per `batch_size` texts.
 
@@ -136,7 +148,7 @@ def score_responses(
     for i, (messages, response) in enumerate(zip(prompts, responses, strict=True)):
         if not isinstance(response, str) or not response:
             raise ValueError(f"response {i} is empty or not a string: nothing to score")
-        prompt = engine.chat_prompt(messages, add_generation_prompt=True)
+        prompt = scoring_prompt(engine, messages, prompt_format)
         plans.append(_plan(engine, prompt, response, max_tokens))
     out: list[ResponseScore] = []
     for start in range(0, len(plans), batch_size):
@@ -169,6 +181,7 @@ def grape_scores(
     normalize: bool = True,
     batch_size: int = 64,
     max_tokens: int | None = None,
+    prompt_format: PromptFormat = "auto",
 ) -> list[float]:
     """Per response: mean (or, with normalize=False, summed) log-prob of its tokens given
     the chat-formatted prompt, under `engine`'s model. For benchmarks and notebooks."""
@@ -179,6 +192,7 @@ def grape_scores(
         normalize=normalize,
         batch_size=batch_size,
         max_tokens=max_tokens,
+        prompt_format=prompt_format,
     )
     return [s.score for s in scored]
 
@@ -195,7 +209,7 @@ def rank_in_groups(groups: Sequence[object], scores: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GrapeConfig(StageConfig):
+class GrapeConfig(LLMConfig):
     """How candidates are grouped, scored and how many are kept per instruction."""
 
     #: Mean log-prob per response token (True, GRAPE's score) or the summed log-prob.
@@ -210,6 +224,9 @@ class GrapeConfig(StageConfig):
     max_tokens: int | None = 1024
     #: Texts per prompt-logprobs call; does not change the output.
     batch_size: int = 64
+    #: How the target model sees the instruction: its chat template, or a plain transcript
+    #: for a base model without one (`auto` picks by whether the model has a template).
+    prompt_format: PromptFormat = "auto"
 
     def __post_init__(self) -> None:
         where = "grape config"
@@ -235,11 +252,17 @@ def split_conversation(messages: list[dict[str, Any]] | None) -> tuple[list[Mess
     return before, str(messages[-1]["content"])
 
 
-class GrapeSelect(GlobalStage):
-    """GRAPE: per instruction, the candidate(s) with the highest target-model likelihood."""
+class GrapeSelect(Select):
+    """GRAPE: per instruction, the candidate the target model finds most likely; `score__grape` on
+    every candidate."""
 
     name: ClassVar[str] = "grape"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "selector"
+    citation: ClassVar[str | None] = (
+        "Zhang et al., 2025. The Best Instruction-Tuning Data are Those That Fit (GRAPE). "
+        "arXiv:2502.04194"
+    )
     Config: ClassVar[type[StageConfig]] = GrapeConfig
     unhashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
     uses_engine: ClassVar[bool] = True
@@ -251,12 +274,11 @@ class GrapeSelect(GlobalStage):
     def produces(self) -> tuple[str, ...]:
         return (SCORE, TOKENS, RANK)
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Score every candidate, rank inside its group, keep the best `keep` of each."""
         cfg = self.config
-        frame = in_input_order(data.collect())
-        n = frame.height
-        split = [split_conversation(m) for m in frame.get_column("messages").to_list()]
+        n = data.height
+        split = [split_conversation(m) for m in data.get_column("messages").to_list()]
         todo = [i for i, s in enumerate(split) if s is not None]
         candidates = [s for s in split if s is not None]
         scored = score_responses(
@@ -266,8 +288,9 @@ class GrapeSelect(GlobalStage):
             normalize=cfg.normalize,
             batch_size=cfg.batch_size,
             max_tokens=cfg.max_tokens,
+            prompt_format=cfg.prompt_format,
         )
-        groups = self._groups(frame, split)
+        groups = self._groups(data, split)
         ranks = rank_in_groups([groups[i] for i in todo], np.array([s.score for s in scored]))
         score: list[float | None] = [None] * n
         tokens: list[int | None] = [None] * n
@@ -276,7 +299,7 @@ class GrapeSelect(GlobalStage):
         for i, s, r in zip(todo, scored, ranks.tolist(), strict=True):
             score[i], tokens[i], rank[i] = s.score, s.tokens, r
             reason[i] = None if r <= cfg.keep else "not_best"
-        out = frame.with_columns(
+        out = data.with_columns(
             pl.Series(SCORE, score, dtype=pl.Float64),
             pl.Series(TOKENS, tokens, dtype=pl.Int64),
             pl.Series(RANK, rank, dtype=pl.Int64),
@@ -294,7 +317,7 @@ class GrapeSelect(GlobalStage):
                 "truncated": sum(s.truncated for s in scored),
             }
         )
-        return out.lazy()
+        return out
 
     def _groups(
         self, frame: pl.DataFrame, split: list[tuple[list[Message], str] | None]

@@ -1,12 +1,11 @@
-"""The `hint_infer` stage: START's Hint-infer tool loop, then Hint-RFT's filter.
+"""The `hint_infer` stage: START's Hint-infer tool loop, then Hint-RFT's filter and modify step.
 
 After Li et al. 2025, "START: Self-taught Reasoner with Tools" (arXiv 2503.04625).
 
 The tool loop. Each trajectory is the assistant's text so far; its prompt is the chat
 prompt (`Engine.chat_prompt`, ending in the assistant's generation prompt) followed by that
 text, so every round continues it. Every round is ONE `generate` call over all live
-trajectories (each with its own seed, budget and stop strings). A round ends a trajectory's
-generation at:
+trajectories (each with its own seed and budget). A round ends a trajectory's generation at:
 
 - the closing fence of a ```python block (stop string "\\n```\\n", or the end of the text
   right after such a fence): the cell runs in the sandbox and "```output\\n...\\n```" is
@@ -17,12 +16,24 @@ generation at:
   persist like in a notebook. Other fences (an untagged block, a model-written
   "```output") are put back and generation continues without running anything (a round
   that wrote nothing but such a fence ends the trajectory: `degenerate`);
-- the model's own "Wait" / "Alternatively" (`insert_at: [trigger]`): a hint continues that
-  word ("Wait, I should test ...");
 - the end of the answer (`insert_at: [stop]`): the closing answer statement is cut
   (`hints.cut_final_answer`) and a hint is appended, up to `hint_rounds` times per
-  trajectory (sequential test-time scaling). `prefill_code_fence` appends "```python\\n"
-  after every hint, for models too small to open a code block on their own.
+  trajectory (sequential test-time scaling).
+
+Trigger hints (`insert_at: [trigger]`) go right before one of the model's own whole-word
+"Wait" / "Alternatively", whose word then opens the hint ("Wait, I should test ..."). They
+are not stop strings (vLLM stops at the first occurrence, inside words too: "Waiting"):
+each round generates to its natural stop, the whole-word triggers in the prose it wrote are
+found (`hints.trigger_matches`; none when the round opened a python block itself, the model
+then turns to the tool unasked), and `trigger_position` picks one: the `first`, the `last`,
+a seeded `random` one, or `every` (the first each time, without a cap: a hint after every
+trigger the model writes). The round's text is cut there, the hint appended, and the next
+round continues from it; the cut-away tokens are counted in `discarded_tokens`, not in the
+budget. Up to `trigger_hints` trigger hints per trajectory (`every`: until the tool-call
+cap), besides the `hint_rounds` stop hints; by default both kinds are inserted, as START
+inserts hints after such conjunctions and before the stop token. `prefill_code_fence`
+appends "```python\\n" after every hint, for models too small to open a code block on their
+own.
 
 Caps: `max_tool_calls` cells per trajectory (a block past the cap ends it, `tool_cap`),
 `max_tokens` generated tokens per trajectory over all rounds, and the context: prompt plus
@@ -38,8 +49,12 @@ tests in the sandbox). A trajectory is kept when it finished within its caps, ve
 at least one successful tool call, is not repetitive and holds no output block the sandbox
 did not write; the others go to `rejected/` with the reason. `hint_only_solved` marks
 problems solved with hints (some trajectory kept) but not by the greedy answer (START's
-seed set; `hint_only: true` keeps only those). Kept trajectories become SFT records (code
-and outputs inline) whose `parent_id` is the problem's id.
+seed set; `hint_only: true` keeps only those). Kept trajectories then go through Hint-RFT's
+modify step (`hints.edit_hints`, `hint_edit`): a hint that begins a sentence and is followed
+directly by its python block is stripped (the trajectory then reads as the model reaching
+for Python on its own); any other hint stays and is marked (`hints[].edit`, with its offset
+and sentence, for a trainer to mask). Kept trajectories become SFT records (code and outputs
+inline) whose `parent_id` is the problem's id; the rejected keep their text as generated.
 """
 
 from __future__ import annotations
@@ -57,10 +72,37 @@ import polars as pl
 from gristmill.engines.base import Completion, Message, Sampling
 from gristmill.filters.heuristics import duplicate_ngram_fraction
 from gristmill.pipelines.checkpoint import read_loop_state, write_loop_state
-from gristmill.pipelines.stage import ROW_COLUMN, MapStage, MeteredEngine, StageConfig, StageContext
+from gristmill.pipelines.stage import (
+    ROW_COLUMN,
+    LLMConfig,
+    Map,
+    MeteredEngine,
+    StageConfig,
+    StageContext,
+)
+from gristmill.pipelines.stats import ExtraStats, counts, most, summed, union
 from gristmill.records import CORE_COLUMNS, DROP_REASON, make_record, records_frame
-from gristmill.sandbox import CellResult, Limits, SandboxPool, isolation
-from gristmill.synth.hints import Hint, cut_final_answer, hints_for
+from gristmill.sandbox import (
+    ISOLATION_SETTINGS,
+    CellResult,
+    IsolationSetting,
+    Limits,
+    SandboxPool,
+    require_isolation,
+)
+from gristmill.synth.hints import (
+    HINT_EDITS,
+    TRIGGER_POSITIONS,
+    Hint,
+    HintEdit,
+    TriggerMatch,
+    TriggerPosition,
+    cut_final_answer,
+    edit_hints,
+    hints_for,
+    pick_trigger,
+    trigger_matches,
+)
 from gristmill.synth.sampling import round_bar, usable_queries, with_rejected
 from gristmill.verify import get_verifier
 from gristmill.verify.base import Verdict, verify_many
@@ -82,7 +124,7 @@ FINISHES = ("eos", "max_tokens", "context", "tool_cap", "max_rounds", "degenerat
 
 
 @dataclass(frozen=True, kw_only=True)
-class HintInferConfig(StageConfig):
+class HintInferConfig(LLMConfig):
     """Prompt, sampling, hints, caps, sandbox and Hint-RFT filter of the `hint_infer` stage."""
 
     #: The user turn; `{prompt}` is replaced by the problem's prompt.
@@ -92,6 +134,8 @@ class HintInferConfig(StageConfig):
     verifier: Literal["math", "code"] = "math"
     #: Math only: accept the last number of a trajectory that states no explicit answer.
     allow_last_number: bool = False
+    #: Math only: when answer and reference both carry a unit, they must be the same one.
+    compare_units: bool = False
     #: Code: a column naming the function under test (HumanEval `entry_point`); the reference
     #: then holds HumanEval's `test` code and is completed with `humaneval_reference`.
     entry_point_column: str | None = None
@@ -115,11 +159,17 @@ class HintInferConfig(StageConfig):
     hint_ids: tuple[str, ...] = ()
     #: `random`: a seeded draw per insertion; `cycle`: the hints in order.
     hint_choice: Literal["random", "cycle"] = "random"
-    #: Insertion points: `stop` (where the model ends its answer), `trigger` (after its own
-    #: "Wait"/"Alternatively").
-    insert_at: tuple[InsertPoint, ...] = ("stop",)
+    #: Insertion points: `stop` (where the model ends its answer), `trigger` (before one of
+    #: its own whole-word "Wait"/"Alternatively", whose word opens the hint).
+    insert_at: tuple[InsertPoint, ...] = ("stop", "trigger")
+    #: Whole words, case-sensitive ("Wait" is not found in "Waiting").
     triggers: tuple[str, ...] = ("Wait", "Alternatively")
-    #: Most hints inserted per trajectory (N rounds of sequential test-time scaling).
+    #: Which trigger of a round's text gets the hint: `first`, `last`, `random` (seeded) or
+    #: `every` (each trigger in turn, `trigger_hints` not applying).
+    trigger_position: TriggerPosition = "random"
+    #: Most trigger hints per trajectory (`first`, `last`, `random`).
+    trigger_hints: int = 1
+    #: Most stop hints per trajectory (N rounds of sequential test-time scaling).
     hint_rounds: int = 1
     #: At `stop`: cut the closing answer statement before inserting the hint.
     cut_final_answer: bool = True
@@ -130,6 +180,9 @@ class HintInferConfig(StageConfig):
     cell_memory_mb: int = 1024
     max_output_chars: int = 1000
     sandbox_workers: int = 4
+    #: `strong`: refuse to run cells where only a weak sandbox tier works (no namespaces;
+    #: a cell running as root could write host files); `weak`: run there anyway, warned.
+    isolation: IsolationSetting = "strong"
     #: Plain greedy decoding per problem (`solved_without_hints`, `hint_only_solved`).
     baseline: bool = True
     #: Hint-RFT: keep only trajectories with at least one successful tool call.
@@ -139,6 +192,9 @@ class HintInferConfig(StageConfig):
     repetition_n: int = 5
     #: Hint-RFT: keep only problems the greedy answer got wrong (START's seed set).
     hint_only: bool = False
+    #: Hint-RFT's modify step on kept trajectories: `strip` removes each hint that can go
+    #: without breaking the text and marks the rest; `mark` removes none and marks all.
+    hint_edit: HintEdit = "strip"
     verify_workers: int = 4
 
     def __post_init__(self) -> None:
@@ -147,6 +203,10 @@ class HintInferConfig(StageConfig):
             raise ValueError(f"{where}: prompt_template must contain {{prompt}}")
         if self.verifier not in ("math", "code"):
             raise ValueError(f"{where}: verifier must be 'math' or 'code', got {self.verifier!r}")
+        if self.isolation not in ISOLATION_SETTINGS:
+            raise ValueError(
+                f"{where}: isolation must be 'strong' or 'weak', got {self.isolation!r}"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"{where}: need temperature >= 0 and top_p in (0, 1]")
         if self.samples > 1 and self.temperature == 0:
@@ -156,7 +216,7 @@ class HintInferConfig(StageConfig):
         for name in ("samples", "max_tokens", "max_tool_calls", "max_rounds", "sandbox_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("hint_rounds", "max_output_chars"):
+        for name in ("hint_rounds", "trigger_hints", "max_output_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 16:
@@ -167,8 +227,19 @@ class HintInferConfig(StageConfig):
         bad = [p for p in self.insert_at if p not in ("stop", "trigger")]
         if bad:
             raise ValueError(f"{where}: insert_at takes 'stop' and 'trigger', got {bad}")
-        if "trigger" in self.insert_at and not all(t.strip() for t in self.triggers):
+        if "trigger" in self.insert_at and not (
+            self.triggers and all(t.strip() for t in self.triggers)
+        ):
             raise ValueError(f"{where}: insert_at 'trigger' needs non-empty triggers")
+        if self.trigger_position not in TRIGGER_POSITIONS:
+            raise ValueError(
+                f"{where}: trigger_position must be one of {list(TRIGGER_POSITIONS)}, "
+                f"got {self.trigger_position!r}"
+            )
+        if self.hint_edit not in HINT_EDITS:
+            raise ValueError(
+                f"{where}: hint_edit must be one of {list(HINT_EDITS)}, got {self.hint_edit!r}"
+            )
         if self.max_repetition is not None and not 0 <= self.max_repetition <= 1:
             raise ValueError(f"{where}: max_repetition must be in [0, 1]")
         if self.verifier == "math" and self.entry_point_column is not None:
@@ -194,13 +265,20 @@ class ToolCall:
 
 @dataclass
 class HintUse:
-    """One inserted hint: which, at which point (`stop` or `trigger:<word>`) and where."""
+    """One inserted hint: which, at which point (`stop` or `trigger:<word>`), where, and the
+    sentence as it stands in the text (for a trigger, opened by the model's own word)."""
 
     hint_id: str
     point: str
     #: Character offset of the hint's first character in the trajectory.
     position: int
     round: int
+    text: str
+
+    @property
+    def kind(self) -> str:
+        """`stop` or `trigger`."""
+        return self.point.split(":", 1)[0]
 
 
 @dataclass
@@ -213,7 +291,10 @@ class Trajectory:
     tool_calls: list[ToolCall] = field(default_factory=list)
     hints: list[HintUse] = field(default_factory=list)
     rounds: int = 0
+    #: Generated tokens in `text` (what `max_tokens` bounds).
     output_tokens: int = 0
+    #: Generated tokens cut away again to put a hint before a trigger word.
+    discarded_tokens: int = 0
     #: None while live; else one of FINISHES.
     finish: str | None = None
     seeds: list[int] = field(default_factory=list)
@@ -381,6 +462,8 @@ class LoopSettings:
     hint_choice: str
     insert_at: tuple[str, ...]
     triggers: tuple[str, ...]
+    trigger_position: str
+    trigger_hints: int
     hint_rounds: int
     cut_final_answer: bool
     prefill_code_fence: bool
@@ -402,6 +485,8 @@ class LoopSettings:
             hint_choice=cfg.hint_choice,
             insert_at=cfg.insert_at,
             triggers=cfg.triggers,
+            trigger_position=cfg.trigger_position,
+            trigger_hints=cfg.trigger_hints,
             hint_rounds=cfg.hint_rounds,
             cut_final_answer=cfg.cut_final_answer,
             prefill_code_fence=cfg.prefill_code_fence,
@@ -462,14 +547,38 @@ def _insert_hint(
         position = len(t.text)
         sentence = hint.after(point.removeprefix("trigger:"))
     t.text += sentence + ("\n\n" + CODE_FENCE if s.prefill_code_fence else "\n")
-    t.hints.append(HintUse(hint_id=hint.id, point=point, position=position, round=round_))
+    t.hints.append(
+        HintUse(hint_id=hint.id, point=point, position=position, round=round_, text=sentence)
+    )
 
 
-def _stops(s: LoopSettings, t: Trajectory) -> tuple[str, ...]:
-    stops = [FENCE_STOP]
-    if "trigger" in s.insert_at and len(t.hints) < s.hint_rounds:
-        stops.extend(s.triggers)
-    return tuple(stops)
+def _hints_of(t: Trajectory, kind: str) -> int:
+    return sum(1 for h in t.hints if h.kind == kind)
+
+
+def _trigger_cut(
+    s: LoopSettings, t: Trajectory, c: Completion, round_: int, seed_for: SeedFor
+) -> TriggerMatch | None:
+    """The trigger word in this round's text `c.text` a hint should go before (its offset
+    relative to `c.text`), or None: not asked for, budget or tool cap reached, no whole-word
+    trigger in the round's prose, or the round opened a python block of its own."""
+    if "trigger" not in s.insert_at or len(t.tool_calls) >= s.max_tool_calls:
+        return None
+    if s.trigger_position != "every" and _hints_of(t, "trigger") >= s.trigger_hints:
+        return None
+    start = len(t.text)
+    full = t.text + c.text
+    blocks = fenced_blocks(full)
+    if any(b.start >= start and b.tag in PYTHON_TAGS for b in blocks):
+        return None
+    skip = [(b.start, b.end) for b in blocks if b.end > start]
+    matches = trigger_matches(full, s.triggers, start=start, skip=skip)
+    if not matches:
+        return None
+    chosen = pick_trigger(
+        matches, s.trigger_position, seed_for(t.query_id, t.sample, "trigger", round_)
+    )
+    return TriggerMatch(start=chosen.start - start, word=chosen.word)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -479,12 +588,27 @@ class _Cell:
 
 
 def _advance(
-    s: LoopSettings, t: Trajectory, c: Completion, budget_bound: str, round_: int, seed_for: SeedFor
+    s: LoopSettings,
+    t: Trajectory,
+    c: Completion,
+    budget_bound: str,
+    round_: int,
+    seed_for: SeedFor,
+    count_tokens: Callable[[str], int],
 ) -> _Cell | None:
     """Apply one completion to a trajectory; a cell to run when it closed a python block."""
+    t.rounds += 1
+    trigger = _trigger_cut(s, t, c, round_, seed_for)
+    if trigger is not None:  # cut before the trigger word: the hint continues from there
+        kept = c.text[: trigger.start]
+        tokens = min(count_tokens(kept), c.output_tokens) if kept else 0
+        t.text += kept
+        t.output_tokens += tokens
+        t.discarded_tokens += c.output_tokens - tokens
+        _insert_hint(s, t, f"trigger:{trigger.word}", round_, seed_for)
+        return None
     t.text += c.text
     t.output_tokens += c.output_tokens
-    t.rounds += 1
     if c.finish_reason != "stop":
         t.finish = budget_bound
         return None
@@ -496,9 +620,6 @@ def _advance(
         if not c.text.strip(" \n`"):  # nothing but fences: a loop of empty blocks
             t.finish = "degenerate"
         return None  # an untagged or non-python fence: put back, keep going
-    if c.stop is not None and c.stop in s.triggers:
-        _insert_hint(s, t, f"trigger:{c.stop}", round_, seed_for)
-        return None
     # the model ended its answer (end of sequence)
     block = open_block(t.text)
     if block is not None:  # ended inside a block: close it, and run it if it is code
@@ -517,7 +638,7 @@ def _advance(
     ):
         t.text = t.text[: last.end] + "\n"
         return _cell_or_cap(s, t, last.body)
-    wants_hint = "stop" in s.insert_at and len(t.hints) < s.hint_rounds
+    wants_hint = "stop" in s.insert_at and _hints_of(t, "stop") < s.hint_rounds
     if wants_hint and len(t.tool_calls) < s.max_tool_calls:
         _insert_hint(s, t, "stop", round_, seed_for)
         return None
@@ -585,7 +706,7 @@ def run_hint_loop(
                     temperature=s.temperature,
                     top_p=s.top_p,
                     max_tokens=min(ctx_left, tok_left),
-                    stop=_stops(s, t),
+                    stop=(FENCE_STOP,),
                     seed=seed,
                 )
             )
@@ -611,11 +732,11 @@ def run_hint_loop(
         if not prompts:
             return state
         outs = engine.generate(prompts, params)
-        cells = [
-            cell
-            for t, out, bound in zip(requests, outs[: len(requests)], bounds, strict=True)
-            if (cell := _advance(s, t, out[0], bound, state.rounds, seed_for)) is not None
-        ]
+        cells = []
+        for t, out, bound in zip(requests, outs[: len(requests)], bounds, strict=True):
+            cell = _advance(s, t, out[0], bound, state.rounds, seed_for, engine.count_tokens)
+            if cell is not None:
+                cells.append(cell)
         for p, out in zip(greedy, outs[len(requests) :], strict=True):
             c = out[0]
             state.baselines[p.id] = Baseline(
@@ -697,7 +818,16 @@ def drop_reason(
 
 
 HINT_TYPE = pl.Struct(
-    {"hint_id": pl.String(), "point": pl.String(), "position": pl.Int64(), "round": pl.Int64()}
+    {
+        "hint_id": pl.String(),
+        "point": pl.String(),
+        "position": pl.Int64(),
+        "round": pl.Int64(),
+        "text": pl.String(),
+        #: Kept rows: `stripped` (no longer in the text; `position` is where it stood) or
+        #: `marked` (still at `position`); null on rejected rows, whose text is as generated.
+        "edit": pl.String(),
+    }
 )
 TOOL_TYPE = pl.Struct(
     {
@@ -719,6 +849,7 @@ TRAJECTORY_COLUMNS: dict[str, pl.DataType] = {
     "finish": pl.String(),
     "rounds": pl.Int64(),
     "output_tokens": pl.Int64(),
+    "discarded_tokens": pl.Int64(),
     "sample_index": pl.Int64(),
     "sample_seeds": pl.List(pl.Int64()),
     "temperature": pl.Float64(),
@@ -737,6 +868,38 @@ TRAJECTORY_COLUMNS: dict[str, pl.DataType] = {
 _NOT_PASSED = frozenset({*CORE_COLUMNS, ROW_COLUMN, DROP_REASON, "embedding"})
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Shown:
+    """A trajectory as its row shows it: the text, and the hints and tool calls with their
+    offsets into that text."""
+
+    text: str
+    hints: list[dict[str, Any]]
+    tool_calls: list[dict[str, Any]]
+
+    @staticmethod
+    def raw(t: Trajectory) -> _Shown:
+        """As generated (rejected rows)."""
+        return _Shown(
+            text=t.text,
+            hints=[{**asdict(h), "edit": None} for h in t.hints],
+            tool_calls=[asdict(c) for c in t.tool_calls],
+        )
+
+    @staticmethod
+    def edited(t: Trajectory, mode: str) -> _Shown:
+        """After Hint-RFT's modify step (kept rows), offsets moved into the new text."""
+        edit = edit_hints(t.text, [(h.position, h.text) for h in t.hints], mode)
+        return _Shown(
+            text=edit.text,
+            hints=[
+                {**asdict(h), "position": edit.moved(h.position), "edit": e}
+                for h, e in zip(t.hints, edit.edits, strict=True)
+            ],
+            tool_calls=[{**asdict(c), "position": edit.moved(c.position)} for c in t.tool_calls],
+        )
+
+
 def problem_reference(cfg: HintInferConfig, row: Mapping[str, Any]) -> str:
     """What a problem's trajectories are checked against: its reference, or for HumanEval
     rows (`entry_point_column`) the tests completed by `humaneval_reference` (prompt-aware)."""
@@ -752,15 +915,56 @@ def conversation(cfg: HintInferConfig, prompt: str) -> list[Message]:
     return [*head, {"role": "user", "content": cfg.prompt_template.replace("{prompt}", prompt)}]
 
 
-class HintInfer(MapStage):
-    """START: hints make the model write Python, the sandbox runs it, Hint-RFT keeps the
-    verified tool-using trajectories as SFT records."""
+@dataclass(frozen=True, kw_only=True)
+class HintInferStats(ExtraStats):
+    """What a part's loop did and what it kept; counts add up over parts."""
+
+    problems: int = summed()
+    trajectories: int = summed()
+    #: Rounds of the loop: the stage took as many as its longest part.
+    rounds: int = most()
+    calls: int = summed()
+    tool_calls: int = summed()
+    tool_calls_ok: int = summed()
+    trajectories_with_tool_ok: int = summed()
+    #: Hints inserted, by insertion point (`stop`, `trigger`).
+    hints: dict[str, int] = counts()
+    #: Trigger hints, by the trigger word they went before.
+    hint_triggers: dict[str, int] = counts()
+    #: Hints of kept trajectories, by what the modify step did (`stripped`, `marked`).
+    hint_edits: dict[str, int] = counts()
+    #: Trajectories by how they ended.
+    finish: dict[str, int] = counts()
+    #: Trajectories by verdict reason (equal, not_equal, no_answer, ambiguous...).
+    verdicts: dict[str, int] = counts()
+    verified: int = summed()
+    kept: int = summed()
+    solved_with_hints: int = summed()
+    solved_without_hints: int = summed()
+    hint_only_solved: int = summed()
+    output_tokens: int = summed()
+    #: Tokens generated and cut away again to insert a trigger hint.
+    discarded_tokens: int = summed()
+    #: How sandbox cells were cut off from the network (`gristmill.sandbox.isolation`).
+    sandbox: tuple[str, ...] = union()
+
+
+class HintInfer(Map):
+    """START: hints inserted into the reasoning, Python run in the sandbox, Hint-RFT keeps the
+    verified tool-using trajectories."""
 
     name: ClassVar[str] = "hint_infer"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
+    kind: ClassVar[str] = "synth"
+    citation: ClassVar[str | None] = (
+        "Li et al., 2025. START: Self-taught Reasoner with Tools. arXiv:2503.04625"
+    )
     Config: ClassVar[type[StageConfig]] = HintInferConfig
+    Stats: ClassVar[type[ExtraStats] | None] = HintInferStats
     uses_engine: ClassVar[bool] = True
-    unhashed: ClassVar[frozenset[str]] = frozenset({"sandbox_workers", "verify_workers"})
+    unhashed: ClassVar[frozenset[str]] = frozenset(
+        {"sandbox_workers", "verify_workers", "isolation"}
+    )
 
     @property
     def cfg(self) -> HintInferConfig:
@@ -777,6 +981,7 @@ class HintInfer(MapStage):
 
     def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         cfg = self.cfg
+        tier = require_isolation(self.name, cfg.isolation)  # before any model time is spent
         engine = ctx.engine()
         usable, rejected = usable_queries(batch.to_dicts(), self._bad_entry_point)
         max_len = cfg.max_model_len or getattr(engine.inner, "max_model_len", None)
@@ -816,12 +1021,9 @@ class HintInfer(MapStage):
             )
         bar.close()
         out = self._emit(usable, state, model=engine.model_id)
-        ctx.extra_stats.update(_stats(out, state, len(usable)))
-        ctx.extra_stats["sandbox"] = isolation()  # how cells were cut off from the network
+        stats = _stats(out, state, len(usable), sandbox=tier)
+        ctx.extra_stats.update(stats.to_dict())
         return with_rejected(out, rejected)
-
-    def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return merge_stats(parts)
 
     # ---- input and output ------------------------------------------------------------------
     def _bad_entry_point(self, row: dict[str, Any]) -> str | None:
@@ -836,7 +1038,9 @@ class HintInfer(MapStage):
     ) -> pl.DataFrame:
         cfg = self.cfg
         verifier = (
-            get_verifier("math", allow_last_number=cfg.allow_last_number)
+            get_verifier(
+                "math", allow_last_number=cfg.allow_last_number, compare_units=cfg.compare_units
+            )
             if cfg.verifier == "math"
             else get_verifier("code", timeout_s=cfg.cell_timeout_s)
         )
@@ -878,29 +1082,35 @@ class HintInfer(MapStage):
             g = greedy_ok.get(t.query_id)
             if reason is None and cfg.hint_only and g:
                 reason = "solved_without_hints"
+            shown = _Shown.raw(t)
             if reason is None:
+                shown = _Shown.edited(t, cfg.hint_edit)
                 seen = kept_texts.setdefault(t.query_id, set())
-                if t.text in seen:
-                    reason = "duplicate"
-                seen.add(t.text)
+                if shown.text in seen:  # e.g. two samples that differed only in their hints
+                    reason, shown = "duplicate", _Shown.raw(t)
+                seen.add(shown.text)
             passed = {k: v for k, v in row.items() if k not in _NOT_PASSED}
             base_verdict = base.get(t.query_id)
             records.append(
                 make_record(
-                    [*conversation(cfg, row["prompt"]), {"role": "assistant", "content": t.text}],
+                    [
+                        *conversation(cfg, row["prompt"]),
+                        {"role": "assistant", "content": shown.text},
+                    ],
                     source=row["source"],
                     reference=refs[t.query_id],
                     parent_id=t.query_id,
                     model=model,
                     **passed,
-                    hints=[asdict(h) for h in t.hints],
-                    tool_calls=[asdict(c) for c in t.tool_calls],
+                    hints=shown.hints,
+                    tool_calls=shown.tool_calls,
                     n_hints=len(t.hints),
                     n_tool_calls=len(t.tool_calls),
                     n_tool_ok=sum(1 for c in t.tool_calls if c.status == "ok"),
                     finish=t.finish,
                     rounds=t.rounds,
                     output_tokens=t.output_tokens,
+                    discarded_tokens=t.discarded_tokens,
                     sample_index=t.sample,
                     sample_seeds=list(t.seeds),
                     temperature=cfg.temperature,
@@ -929,17 +1139,28 @@ class HintInfer(MapStage):
 # ---- statistics -------------------------------------------------------------------------------
 
 
-def _stats(out: pl.DataFrame, state: LoopState, problems: int) -> dict[str, Any]:
+def _stats(out: pl.DataFrame, state: LoopState, problems: int, *, sandbox: str) -> HintInferStats:
+    """One part's statistics from its output rows and its loop's final state."""
     trajs = state.trajectories
     hints: dict[str, int] = {}
+    triggers: dict[str, int] = {}
     for t in trajs:
         for h in t.hints:
-            point = h.point.split(":")[0]
-            hints[point] = hints.get(point, 0) + 1
+            hints[h.kind] = hints.get(h.kind, 0) + 1
+            if h.kind == "trigger":
+                word = h.point.split(":", 1)[1]
+                triggers[word] = triggers.get(word, 0) + 1
     finish: dict[str, int] = {}
     for t in trajs:
         finish[str(t.finish)] = finish.get(str(t.finish), 0) + 1
+    verdicts: dict[str, int] = {}
+    for reason in out["verdict_reason"].drop_nulls() if out.height else ():
+        verdicts[reason] = verdicts.get(reason, 0) + 1
     kept = out.filter(pl.col(DROP_REASON).is_null()) if out.height else out
+    edits: dict[str, int] = {}
+    for row_hints in kept["hints"].to_list() if kept.height else ():
+        for h in row_hints:
+            edits[h["edit"]] = edits.get(h["edit"], 0) + 1
     per_problem = (
         out.group_by("parent_id").agg(
             pl.col("solved_with_hints").first(),
@@ -953,54 +1174,27 @@ def _stats(out: pl.DataFrame, state: LoopState, problems: int) -> dict[str, Any]
     def count(column: str) -> int:
         return 0 if per_problem is None else int(per_problem[column].fill_null(False).sum())
 
-    return {
-        "problems": problems,
-        "trajectories": len(trajs),
-        "rounds": state.rounds,
-        "calls": state.calls,
-        "tool_calls": sum(len(t.tool_calls) for t in trajs),
-        "tool_calls_ok": sum(1 for t in trajs for c in t.tool_calls if c.status == "ok"),
-        "trajectories_with_tool_ok": sum(
+    return HintInferStats(
+        problems=problems,
+        trajectories=len(trajs),
+        rounds=state.rounds,
+        calls=state.calls,
+        tool_calls=sum(len(t.tool_calls) for t in trajs),
+        tool_calls_ok=sum(1 for t in trajs for c in t.tool_calls if c.status == "ok"),
+        trajectories_with_tool_ok=sum(
             1 for t in trajs if any(c.status == "ok" for c in t.tool_calls)
         ),
-        "hints": hints,
-        "finish": finish,
-        "verified": int(out["verified"].sum()) if out.height else 0,
-        "kept": kept.height,
-        "solved_with_hints": count("solved_with_hints"),
-        "solved_without_hints": count("solved_without_hints"),
-        "hint_only_solved": count("hint_only_solved"),
-        "output_tokens": sum(t.output_tokens for t in trajs),
-    }
-
-
-_SUMMED = (
-    "problems",
-    "trajectories",
-    "calls",
-    "tool_calls",
-    "tool_calls_ok",
-    "trajectories_with_tool_ok",
-    "verified",
-    "kept",
-    "solved_with_hints",
-    "solved_without_hints",
-    "hint_only_solved",
-    "output_tokens",
-)
-
-
-def merge_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stage-level statistics from the parts' (sums; rounds: the most any part took)."""
-    if not parts:
-        return {}
-    out: dict[str, Any] = {k: sum(int(p.get(k, 0)) for p in parts) for k in _SUMMED}
-    out["rounds"] = max(int(p.get("rounds", 0)) for p in parts)
-    out["sandbox"] = sorted({str(p["sandbox"]) for p in parts if "sandbox" in p})
-    for key in ("hints", "finish"):
-        merged: dict[str, int] = {}
-        for p in parts:
-            for name, n in p.get(key, {}).items():
-                merged[name] = merged.get(name, 0) + int(n)
-        out[key] = merged
-    return out
+        hints=hints,
+        hint_triggers=triggers,
+        hint_edits=edits,
+        finish=finish,
+        verdicts=verdicts,
+        verified=int(out["verified"].sum()) if out.height else 0,
+        kept=kept.height,
+        solved_with_hints=count("solved_with_hints"),
+        solved_without_hints=count("solved_without_hints"),
+        hint_only_solved=count("hint_only_solved"),
+        output_tokens=sum(t.output_tokens for t in trajs),
+        discarded_tokens=sum(t.discarded_tokens for t in trajs),
+        sandbox=(sandbox,),
+    )

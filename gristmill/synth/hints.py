@@ -13,6 +13,10 @@ A hint is an opener ("Wait", "Alternatively") and a body. Inserted where the mod
 stop, it reads as written (`Hint.text`); inserted right after the model's own "Wait" or
 "Alternatively", the model's word takes the opener's place (`Hint.after`), so the sentence
 stays grammatical.
+
+Besides the library, this module says where a hint goes (`cut_final_answer` at the stop
+point; `trigger_matches` and `pick_trigger` at the model's own trigger words) and how
+Hint-RFT's modify step takes it out again (`edit_hints`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Domain = Literal["math", "code"]
 DOMAINS: tuple[Domain, ...] = ("math", "code")
@@ -156,3 +160,147 @@ def cut_final_answer(text: str) -> str:
         tail_start = _sentence_start(text, len(text))
         if not _ANSWER_STATEMENT.search(text, tail_start):
             return text
+
+
+# ---- where a hint goes after the model's own trigger word --------------------------------------
+
+#: Which whole-word trigger of a stretch of generated text gets the hint.
+TriggerPosition = Literal["first", "last", "random", "every"]
+TRIGGER_POSITIONS: tuple[str, ...] = get_args(TriggerPosition)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TriggerMatch:
+    """One of the model's trigger words: where it starts and which word it is."""
+
+    start: int
+    word: str
+
+
+def trigger_matches(
+    text: str,
+    triggers: Sequence[str],
+    *,
+    start: int = 0,
+    skip: Sequence[tuple[int, int]] = (),
+) -> list[TriggerMatch]:
+    """Every whole-word trigger in `text[start:]`, in order, outside the `skip` spans.
+
+    Whole word and case-sensitive: "Wait" matches "Wait," and "Wait." but not "Waiting",
+    "await" or "wait" (mid-sentence "wait" is rarely the model turning on its own reasoning).
+    vLLM stop strings match any occurrence, inside words too, which is why triggers are
+    found here in the finished text rather than by stopping at them.
+    """
+    if not triggers:
+        return []
+    words = "|".join(re.escape(t) for t in sorted(set(triggers), key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)(?:{words})(?!\w)")
+    return [
+        TriggerMatch(start=m.start(), word=m.group(0))
+        for m in pattern.finditer(text, start)
+        if not any(a <= m.start() < b for a, b in skip)
+    ]
+
+
+def pick_trigger(matches: Sequence[TriggerMatch], policy: str, seed: int) -> TriggerMatch:
+    """The trigger a hint goes before: the `first` (also what `every` takes each time, since
+    the text after a hint is generated anew), the `last`, or a `random` one (by `seed`)."""
+    if not matches:
+        raise ValueError("pick_trigger needs at least one trigger match")
+    match policy:
+        case "first" | "every":
+            return matches[0]
+        case "last":
+            return matches[-1]
+        case "random":
+            return matches[seed % len(matches)]
+    raise ValueError(f"unknown trigger position {policy!r}; expected one of {TRIGGER_POSITIONS}")
+
+
+# ---- Hint-RFT's modify step --------------------------------------------------------------------
+
+#: `strip`: remove each hint whose removal leaves coherent text, mark the others;
+#: `mark`: remove nothing, mark every hint.
+HintEdit = Literal["strip", "mark"]
+HINT_EDITS: tuple[str, ...] = get_args(HintEdit)
+_PYTHON_FENCE = re.compile(r"```[ \t]*(?:python3?|py3?)[ \t]*\n", re.IGNORECASE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditedText:
+    """A trajectory after the modify step: its text, what happened to each hint
+    (`stripped` or `marked`), and the cuts made, to move offsets into the new text."""
+
+    text: str
+    edits: tuple[str, ...]
+    #: (start, end, replacement) in the old text, in order, not overlapping.
+    cuts: tuple[tuple[int, int, str], ...] = ()
+
+    def moved(self, position: int) -> int:
+        """Where offset `position` of the old text lies in the new one (an offset inside a
+        cut lands right after its replacement, i.e. where the text that followed begins)."""
+        offset = 0
+        for start, end, joiner in self.cuts:
+            if position < start:
+                break
+            if position < end:
+                return start + offset + len(joiner)
+            offset += len(joiner) - (end - start)
+        return position + offset
+
+
+def _strip_cut(text: str, start: int, end: int) -> tuple[int, int, str] | None:
+    """The cut that removes the hint at `text[start:end]`, or None when the text would not
+    read on without it: the hint must begin a sentence or line, and what follows it must be
+    a python block opening on a line of its own."""
+    before, after = text[:start], text[end:]
+    head = before.rstrip()
+    if head and not (before.rstrip(" \t").endswith("\n") or head.endswith((".", "!", "?", ":"))):
+        return None
+    rest = after.lstrip()
+    gap = after[: len(after) - len(rest)]
+    if "\n" not in gap or not _PYTHON_FENCE.match(rest):
+        return None
+    if not head:
+        return (0, end + len(gap), "")
+    space = before[len(head) :]
+    return (len(head), end + len(gap), space if "\n" in space else "\n\n")
+
+
+def edit_hints(text: str, hints: Sequence[tuple[int, str]], mode: str) -> EditedText:
+    """Hint-RFT's modify step on one kept trajectory whose `hints` are (offset, inserted
+    sentence) pairs: strip the hints that can go (`mode="strip"`), mark the rest.
+
+    Why strip: a hint is our sentence, not the model's; without it the trajectory reads as
+    the model turning to Python by itself, which is the behaviour fine-tuning should teach
+    (START-0 reasons with tools and no hints). A hint goes only where the text stays
+    coherent: it begins a sentence and is followed directly by the python block it asked
+    for, so removing it leaves the model's reasoning followed by its code (the hint carries
+    no answer and no code, so verification is unchanged). Where the model answered the hint
+    in words ("Sure, let me do that:"), removing it would leave a reply to nothing: the hint
+    stays and is marked. A mark is metadata, not text (the row's `hints` give its offset and
+    sentence), so the training text is byte-for-byte what the model read, and a trainer can
+    mask the hint's span out of the loss.
+    """
+    if mode not in HINT_EDITS:
+        raise ValueError(f"unknown hint edit {mode!r}; expected one of {HINT_EDITS}")
+    edits: list[str] = []
+    cuts: list[tuple[int, int, str]] = []
+    for position, sentence in hints:
+        end = position + len(sentence)
+        cut = None
+        if mode == "strip" and text[position:end] == sentence:
+            cut = _strip_cut(text, position, end)
+        if cut is not None and cuts and cut[0] < cuts[-1][1]:
+            cut = None  # overlapping an earlier cut (hints out of order): keep it
+        if cut is None:
+            edits.append("marked")
+            continue
+        edits.append("stripped")
+        cuts.append(cut)
+    parts, last = [], 0
+    for start, end, joiner in cuts:
+        parts += [text[last:start], joiner]
+        last = end
+    parts.append(text[last:])
+    return EditedText(text="".join(parts), edits=tuple(edits), cuts=tuple(cuts))

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import polars as pl
 
 from gristmill.engines.base import Completion, Message, Sampling
-from gristmill.pipelines.stage import MapStage, MeteredEngine, StageConfig, StageContext
+from gristmill.pipelines.stage import LLMConfig, Map, MeteredEngine, StageConfig, StageContext
 from gristmill.records import DROP_REASON, make_record, records_frame
 from gristmill.synth.templates import (
     FAMILIES,
@@ -73,7 +73,7 @@ EXTRA_SCHEMA: dict[str, pl.DataType] = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class MagpieConfig(StageConfig):
+class MagpieConfig(LLMConfig):
     """Sampling for instructions and responses, steering prompts, turns and chat family."""
 
     #: Instruction sampling; the paper samples at temperature 1, top-p 1.
@@ -84,8 +84,9 @@ class MagpieConfig(StageConfig):
     response_temperature: float = 0.0
     response_top_p: float = 1.0
     response_max_tokens: int = 1024
-    #: Magpie's early stopping: end an instruction at its first newline.
-    stop_at_newline: bool = False
+    #: Magpie's early stopping: end an instruction at its first newline (on by default, as
+    #: the reference's `--early_stopping`, magpie-align/magpie exp/gen_ins.py).
+    stop_at_newline: bool = True
     #: System prompt shown while the model writes the first instruction.
     system_prompt: str | None = None
     #: A built-in system prompt (`DOMAIN_SYSTEM_PROMPTS`); excludes `system_prompt`.
@@ -281,11 +282,17 @@ def _generate(
     return out
 
 
-class Magpie(MapStage):
-    """Self-synthesis of instructions and responses from a chat model's pre-query template."""
+class Magpie(Map):
+    """Magpie self-synthesis: the model writes instructions from a bare pre-query template, then
+    answers them (multi-turn optional)."""
 
     name: ClassVar[str] = "magpie"
     version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "synth"
+    citation: ClassVar[str | None] = (
+        "Xu et al., 2024. Magpie: Alignment Data Synthesis from Scratch by Prompting "
+        "Aligned LLMs with Nothing. arXiv:2406.08464"
+    )
     Config: ClassVar[type[StageConfig]] = MagpieConfig
     unhashed: ClassVar[frozenset[str]] = frozenset({"generate_chunk"})
     uses_engine: ClassVar[bool] = True

@@ -22,7 +22,8 @@ from typing import Any, ClassVar, Literal
 import polars as pl
 
 from gristmill.engines.base import Message
-from gristmill.pipelines.stage import ROW_COLUMN, MapStage, StageConfig, StageContext
+from gristmill.pipelines.stage import ROW_COLUMN, LLMConfig, Map, StageConfig, StageContext
+from gristmill.pipelines.stats import ExtraStats, by_key, counts, most, summed
 from gristmill.records import (
     CORE_COLUMNS,
     DROP_REASON,
@@ -30,6 +31,7 @@ from gristmill.records import (
     record_id,
     records_frame,
 )
+from gristmill.sandbox import ISOLATION_SETTINGS, IsolationSetting, require_isolation
 from gristmill.synth.sampling import (
     Counter,
     LoopState,
@@ -47,7 +49,7 @@ from gristmill.verify.base import Verifier
 
 
 @dataclass(frozen=True, kw_only=True)
-class SolveConfig(StageConfig):
+class SolveConfig(LLMConfig):
     """What every verified-sampling stage shares: prompt, sampling, checking and output."""
 
     #: The user turn sent to the model; `{prompt}` is replaced by the query's prompt.
@@ -61,6 +63,9 @@ class SolveConfig(StageConfig):
     verifier: str = "math"
     #: Math only: accept the last number of a response that states no explicit answer.
     allow_last_number: bool = False
+    #: Math only: when answer and reference both carry a unit, they must be the same one
+    #: (`864 inches^3` is then not `864 inches^2`); off: units are ignored.
+    compare_units: bool = False
     #: When two correct samples of a query count as one: `text` (normalised), `equations`
     #: (RFT: same sequence of equations), `none`.
     dedup: Literal["text", "equations", "none"] = "text"
@@ -75,10 +80,15 @@ class SolveConfig(StageConfig):
     #: buckets come from measured fail rates when known, else everything is one bucket.
     bucket_column: str | None = None
     verify_workers: int = 4
+    #: Code verifier: `strong` refuses to run responses where only a weak sandbox tier works
+    #: (no namespaces; code running as root could write host files); `weak` runs, warned.
+    isolation: IsolationSetting = "strong"
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {prompt}")
+        if self.isolation not in ISOLATION_SETTINGS:
+            raise ValueError(f"isolation must be 'strong' or 'weak', got {self.isolation!r}")
         if self.max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1, got {self.max_pairs}")
         if self.verifier not in ("math", "code"):
@@ -140,6 +150,7 @@ SAMPLE_COLUMNS: dict[str, pl.DataType] = {
     "verdict_reason": pl.String(),
     "query_trials": pl.Int64(),
     "query_correct": pl.Int64(),
+    "query_raw_correct": pl.Int64(),
     "query_target": pl.Int64(),
     "fail_rate": pl.Float64(),
     "difficulty": pl.String(),
@@ -158,7 +169,9 @@ _NOT_PASSED = frozenset({*CORE_COLUMNS, ROW_COLUMN, DROP_REASON, "embedding"})
 def build_verifier(cfg: SolveConfig) -> Verifier:
     """The configured verifier."""
     if cfg.verifier == "math":
-        return get_verifier("math", allow_last_number=cfg.allow_last_number)
+        return get_verifier(
+            "math", allow_last_number=cfg.allow_last_number, compare_units=cfg.compare_units
+        )
     return get_verifier(cfg.verifier)
 
 
@@ -168,17 +181,71 @@ def user_turn(cfg: SolveConfig, prompt: str) -> list[Message]:
     return [*head, {"role": "user", "content": cfg.prompt_template.replace("{prompt}", prompt)}]
 
 
-class VerifiedSampler(MapStage):
+@dataclass(frozen=True, kw_only=True)
+class BucketStats(ExtraStats):
+    """One difficulty bucket's queries and samples; coverage and means follow from the sums."""
+
+    queries: int = summed()
+    trials: int = summed()
+    correct: int = summed()
+    #: Queries with at least one correct sample.
+    covered: int = summed()
+    kept: int = summed()
+    kept_tokens: int = summed()
+    sample_tokens: int = summed()
+
+    def derived(self) -> dict[str, Any]:
+        """Share of queries covered, and the mean lengths of kept and of all samples."""
+        return {
+            "coverage": _ratio(self.covered, self.queries, digits=4),
+            "mean_response_tokens": _ratio(self.kept_tokens, self.kept, digits=1),
+            "mean_sample_tokens": _ratio(self.sample_tokens, self.trials, digits=1),
+        }
+
+
+def _ratio(part: float, whole: float, *, digits: int) -> float:
+    """`part / whole` rounded, 0.0 for an empty whole."""
+    return round(part / whole, digits) if whole else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerStats(ExtraStats):
+    """Stats of `rejection` and `dart`: per difficulty bucket, rounds of the loop, calls."""
+
+    buckets: dict[str, BucketStats] = by_key(BucketStats)
+    #: Samples by verdict reason (equal, not_equal, no_answer, ambiguous, truncated...).
+    verdicts: dict[str, int] = counts()
+    #: Rounds of the sampling loop: the stage took as many as its longest part.
+    rounds: int = most()
+    calls: int = summed()
+
+    def to_dict(self) -> dict[str, Any]:
+        """`ExtraStats.to_dict` with the buckets easiest first (numeric names by value)."""
+        out = super().to_dict()
+        out["buckets"] = {k: out["buckets"][k] for k in sorted(out["buckets"], key=_bucket_order)}
+        return out
+
+
+def _bucket_order(name: str) -> tuple[int, float | str]:
+    """Sort key of bucket names: numeric ones by value first, then the others by name."""
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
+class VerifiedSampler(Map):
     """Base of `rejection` and `dart`: render queries, run the loop, emit rows and stats."""
 
+    Stats: ClassVar[type[ExtraStats] | None] = SamplerStats
     uses_engine: ClassVar[bool] = True
-    unhashed: ClassVar[frozenset[str]] = frozenset({"verify_workers"})
+    unhashed: ClassVar[frozenset[str]] = frozenset({"verify_workers", "isolation"})
 
     def requires(self) -> tuple[str, ...]:
         return ("id", "prompt", "reference")
 
     def produces(self) -> tuple[str, ...]:
-        cols = ["parent_id", "verdict_reason", "query_trials", "query_correct"]
+        cols = ["parent_id", "verdict_reason", "query_trials", "query_correct", "query_raw_correct"]
         if self.solve_config.emit == "dpo":
             cols += ["chosen", "rejected"]
         return tuple(cols)
@@ -194,6 +261,8 @@ class VerifiedSampler(MapStage):
 
     def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         cfg = self.solve_config
+        if cfg.verifier == "code":  # runs model-written code: before any model time is spent
+            require_isolation(self.name, cfg.isolation)
         engine = ctx.engine()
         usable, rejected = usable_queries(batch.to_dicts())
         queries = [
@@ -212,9 +281,10 @@ class VerifiedSampler(MapStage):
             bar.update(1)
             bar.set_postfix(trials=trials, covered=f"{covered}/{len(queries)}")
 
+        policy = self.policy(usable)
         state = run_rounds(
             queries,
-            self.policy(usable),
+            policy,
             engine=engine,
             verifier=build_verifier(cfg),
             spec=SamplingSpec(
@@ -232,13 +302,16 @@ class VerifiedSampler(MapStage):
         bar.close()
         out, dropped, kept = self._emit(usable, state, ctx, model=engine.model_id)
         rejected.extend(dropped)
-        ctx.extra_stats.update(
-            bucket_stats(usable, state, kept, bucket_of=self._bucket_fn(state), calls=state.calls)
+        stats = bucket_stats(
+            usable, state, kept, bucket_of=self._bucket_fn(state), calls=state.calls
         )
+        ctx.extra_stats.update(stats.to_dict())
+        ctx.extra_stats.update(self.provenance(policy))
         return with_rejected(out, rejected)
 
-    def merge_extra(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return merge_bucket_stats(parts)
+    def provenance(self, policy: Any) -> dict[str, Any]:
+        """Extra stats saying where the policy's inputs came from (none for plain sampling)."""
+        return {}
 
     # ---- output -----------------------------------------------------------------------
     def _bucket_fn(self, state: LoopState) -> Any:
@@ -278,6 +351,7 @@ class VerifiedSampler(MapStage):
             query_info = {
                 "query_trials": counter.trials,
                 "query_correct": counter.correct,
+                "query_raw_correct": counter.raw_correct,
                 "query_target": counter.target,
                 "fail_rate": counter.fail_rate,
                 "difficulty": bucket(row),
@@ -429,77 +503,44 @@ def bucket_stats(
     *,
     bucket_of: Any,
     calls: int,
-) -> dict[str, Any]:
-    """Per difficulty bucket: queries, trials, correct found, coverage, response lengths."""
+) -> SamplerStats:
+    """One part's statistics: each bucket's queries and samples, samples by verdict reason,
+    the rounds, the calls."""
     by_query = samples_by_query(state)
-    buckets: dict[str, dict[str, float]] = {}
+    per_bucket: dict[str, list[BucketStats]] = {}
     for row in rows:
         c: Counter = state.counters[row["id"]]
-        b = buckets.setdefault(
-            bucket_of(row),
-            {
-                "queries": 0,
-                "trials": 0,
-                "correct": 0,
-                "covered": 0,
-                "kept": 0,
-                "kept_tokens": 0,
-                "sample_tokens": 0,
-            },
+        mine = kept.get(row["id"], ())
+        per_bucket.setdefault(bucket_of(row), []).append(
+            BucketStats(
+                queries=1,
+                trials=c.trials,
+                correct=c.correct,
+                covered=1 if c.correct > 0 else 0,
+                kept=len(mine),
+                kept_tokens=sum(s.output_tokens for s in mine),
+                sample_tokens=sum(s.output_tokens for s in by_query.get(row["id"], [])),
+            )
         )
-        samples = by_query.get(row["id"], [])
-        b["queries"] += 1
-        b["trials"] += c.trials
-        b["correct"] += c.correct
-        b["covered"] += 1 if c.correct > 0 else 0
-        b["kept"] += len(kept.get(row["id"], ()))
-        b["kept_tokens"] += sum(s.output_tokens for s in kept.get(row["id"], ()))
-        b["sample_tokens"] += sum(s.output_tokens for s in samples)
-    return {"buckets": _finish_buckets(buckets), "rounds": state.rounds, "calls": calls}
-
-
-def _finish_buckets(raw: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for name in sorted(raw, key=_bucket_order):
-        b = dict(raw[name])
-        b["coverage"] = round(b["covered"] / b["queries"], 4) if b["queries"] else 0.0
-        b["mean_response_tokens"] = round(b["kept_tokens"] / b["kept"], 1) if b["kept"] else 0.0
-        b["mean_sample_tokens"] = round(b["sample_tokens"] / b["trials"], 1) if b["trials"] else 0.0
-        out[name] = b
-    return out
-
-
-def _bucket_order(name: str) -> tuple[int, float | str]:
-    try:
-        return (0, float(name))
-    except ValueError:
-        return (1, name)
-
-
-_SUMMED = ("queries", "trials", "correct", "covered", "kept", "kept_tokens", "sample_tokens")
-
-
-def merge_bucket_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stage-level bucket stats from the parts' (sums, then coverage and means again)."""
-    total: dict[str, dict[str, float]] = {}
-    rounds = calls = 0
-    for part in parts:
-        rounds = max(rounds, int(part.get("rounds", 0)))
-        calls += int(part.get("calls", 0))
-        for name, b in part.get("buckets", {}).items():
-            t = total.setdefault(name, dict.fromkeys(_SUMMED, 0.0))
-            for key in _SUMMED:
-                t[key] += b.get(key, 0)
-    if not total:
-        return {}
-    return {"buckets": _finish_buckets(total), "rounds": rounds, "calls": calls}
+    buckets = {name: BucketStats.merge(items) for name, items in per_bucket.items()}
+    verdicts: dict[str, int] = {}
+    for sample in state.samples:
+        verdicts[sample.reason] = verdicts.get(sample.reason, 0) + 1
+    return SamplerStats(buckets=buckets, verdicts=verdicts, rounds=state.rounds, calls=calls)
 
 
 class RejectionSample(VerifiedSampler):
-    """Vanilla rejection sampling: k samples per query per round, keep the verified ones."""
+    """Rejection sampling (RFT): k samples per query per round, verified, deduped; SFT rows or DPO
+    pairs."""
 
     name: ClassVar[str] = "rejection"
-    version: ClassVar[str] = "1"
+    #: 2: rows carry `query_raw_correct` (every correct sample, duplicates included).
+    version: ClassVar[str] = "2"
+    kind: ClassVar[str] = "synth"
+    citation: ClassVar[str | None] = (
+        "Yuan et al., 2023. Scaling Relationship on Learning Mathematical Reasoning with "
+        "Large Language Models (RFT). arXiv:2308.01825"
+    )
     Config: ClassVar[type[StageConfig]] = RejectionConfig
 
     def policy(self, rows: Sequence[Mapping[str, Any]]) -> VanillaPolicy:

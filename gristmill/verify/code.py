@@ -7,16 +7,32 @@ reference built with a prompt is prompt-aware: the response may either continue 
 function signature with a body or give a complete solution (`humaneval_program`).
 
 Reasons: "passed", "failed" (an assertion failed), "error" (anything else went wrong),
-"timeout" (wall-clock or CPU limit) and "no_code". A program that exits early (for example
-`sys.exit(0)` before the tests run) does not pass: the tests must reach their end, proven by a
-random marker written after them.
+"timeout" (wall-clock or CPU limit) and "no_code".
+
+What a passing verdict proves. The program runs as the sandbox cell and the tests as its
+`epilogue` (`gristmill.sandbox.run_cell`): they run only if the program's code returned, in
+its globals, and their end is proven by a random token that reaches the cell on a private pipe
+read before the program starts and leaves on a pipe of its own. So a program that exits early
+(`sys.exit(0)`, `os._exit(0)`, a signal) does not pass, and neither does one that prints any
+marker or searches its own source, `__file__`, files, argv, environment or stdin for one: the
+tests and the token are in none of them. With `strict_compare` (the default) every operand of
+a comparison in the tests (`==`, `!=`, `<`, `in`, ...; not `is`) must be a plain built-in value
+(int, float, str, list, dict, ..., containers checked all the way down, exact types only), so
+an object whose `__eq__` always returns True fails with "error" instead of passing.
+
+What it does not prove. The program and the tests share one interpreter, so code written to
+attack this harness can still fake a pass: inspect the interpreter (stack frames, gc) to find
+the token and write it, patch builtins or modules the tests use, or hand back an object whose
+arithmetic yields plain values (`abs(x - 0.5) < 1e-6` with a rigged `__sub__`). The defence is
+against accidental and casual cheating (early exits, printed markers, comparison overrides),
+not against a program that targets this code.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,6 +120,9 @@ class CodeVerifier:
     method: Isolation | None = None
     #: Parallel sandboxes for `verify_many`; default: one per CPU.
     max_workers: int | None = None
+    #: Only plain built-in values may be compared in the tests (see the module docstring);
+    #: False accepts any object, e.g. numpy scalars, and with them rigged `__eq__` methods.
+    strict_compare: bool = True
 
     @property
     def limits(self) -> Limits:
@@ -121,9 +140,9 @@ class CodeVerifier:
         code = extract_code(response)
         if code is None:
             return Verdict(correct=False, extracted=None, reason="no_code")
-        program, marker = _program(code, reference)
-        result = run_cell(program, limits=self.limits, method=self.method)
-        return _verdict(code, result, marker)
+        program, tests = _program(code, reference, strict=self.strict_compare)
+        result = run_cell(program, epilogue=tests, limits=self.limits, method=self.method)
+        return _verdict(code, result)
 
     def verify_many(self, responses: Sequence[str], references: Sequence[str]) -> list[Verdict]:
         """Verdicts for response/reference pairs, run in parallel sandboxes, in input order."""
@@ -131,7 +150,7 @@ class CodeVerifier:
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
         codes = [extract_code(r) for r in responses]
         runnable = [
-            (i, *_program(code, ref))
+            (i, *_program(code, ref, strict=self.strict_compare))
             for i, (code, ref) in enumerate(zip(codes, references, strict=True))
             if code is not None
         ]
@@ -139,25 +158,77 @@ class CodeVerifier:
         with SandboxPool(
             max_workers=self.max_workers, limits=self.limits, method=self.method
         ) as pool:
-            results = pool.run_many([program for _, program, _ in runnable])
-        for (i, _, marker), result in zip(runnable, results, strict=True):
+            results = pool.run_many(
+                [program for _, program, _ in runnable],
+                epilogues=[tests for _, _, tests in runnable],
+            )
+        for (i, _, _), result in zip(runnable, results, strict=True):
             code = codes[i]
             assert code is not None
-            verdicts[i] = _verdict(code, result, marker)
+            verdicts[i] = _verdict(code, result)
         return verdicts
 
 
-def _program(code: str, reference: str) -> tuple[str, str]:
-    """The full program (code, tests, end marker) and the marker the tests must print."""
+def _program(code: str, reference: str, *, strict: bool) -> tuple[str, str]:
+    """The program (the prompt continued by the code, when the reference has a prompt) and
+    the tests to run after it as the cell's epilogue."""
     prompt, tests = split_reference(reference)
     program = humaneval_program(prompt, code) if prompt is not None else code
-    marker = f"gristmill-tests-done-{secrets.token_hex(16)}"
-    ending = f"__import__('os').write(1, b'\\n{marker}\\n')\n"
-    return f"{program}\n\n\n{tests.rstrip()}\n\n\n{ending}", marker
+    return program, strict_tests(tests) if strict else tests
 
 
-def _verdict(code: str, result: CellResult, marker: str) -> Verdict:
-    if result.status == "ok" and marker in result.stdout:
+#: Defined first in the epilogue (so a program cannot pre-empt it); exact types only, since
+#: a class's `__eq__`, even its metaclass's, is the program's to define.
+_PLAIN_CHECK = """\
+def __gristmill_plain__(value, _plain=(int, float, complex, bool, str, bytes, type(None),
+                                       list, tuple, dict, set, frozenset, range, type),
+                        _nested=(list, tuple, set, frozenset)):
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if not any(kind is t for t in _plain):
+            raise TypeError(
+                f"the tests compared a {kind.__qualname__} object; with strict_compare only "
+                "built-in values count (an object can make == and < say anything)"
+            )
+        if (kind is dict or any(kind is t for t in _nested)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.items() if kind is dict else item)
+    return value
+"""
+
+
+class _PlainOperands(ast.NodeTransformer):
+    """Wraps every operand of a comparison other than a pure `is` chain in the check."""
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        self.generic_visit(node)
+        if all(isinstance(op, ast.Is | ast.IsNot) for op in node.ops):
+            return node
+        node.left = _checked(node.left)
+        node.comparators = [_checked(c) for c in node.comparators]
+        return node
+
+
+def _checked(expr: ast.expr) -> ast.expr:
+    call = ast.Call(func=ast.Name("__gristmill_plain__", ast.Load()), args=[expr], keywords=[])
+    return ast.copy_location(call, expr)
+
+
+def strict_tests(tests: str) -> str:
+    """`tests` with every compared value checked to be a plain built-in one (see module doc);
+    tests that do not parse are returned as they are (they fail on their own)."""
+    try:
+        tree = ast.parse(tests)
+    except SyntaxError:
+        return tests
+    checked = ast.fix_missing_locations(_PlainOperands().visit(tree))
+    return f"{_PLAIN_CHECK}\n{ast.unparse(checked)}\n"
+
+
+def _verdict(code: str, result: CellResult) -> Verdict:
+    if result.status == "ok" and result.completed:
         return Verdict(correct=True, extracted=code, reason="passed")
     if result.status == "timeout" or (result.reason or "").startswith("cpu limit"):
         return Verdict(correct=False, extracted=code, reason="timeout")

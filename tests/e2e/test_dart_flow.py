@@ -1,39 +1,27 @@
 """DART end to end on the real engine: built-in arithmetic → dart → dataset, every row of
-which re-verifies as correct; the stage stats give trials and coverage per level."""
+which re-verifies as correct; the stage stats give trials and coverage per level (the run is
+`dart_run` in conftest.py, shared with the trainer tests); a second run takes its
+difficulty from the first's counters."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import datasets
+import polars as pl
 import pytest
+from dart_small import DART_RECIPE, DART_SMALL
 
-from gristmill.engines.base import Engine
 from gristmill.flows.recipe import run_recipe
 from gristmill.verify import get_verifier
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "dart-arith.yaml"
-
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-SMALL = [
-    "input.rows=10",
-    "input.options={levels: [1, 3]}",
-    "stages.dart.max_tokens=160",
-    "stages.dart.probe_samples=2",
-    "stages.dart.samples_per_round=2",
-    "stages.dart.k_p=2",
-    "stages.dart.max_trials=6",
-]
 
-
-def test_dart_arith_lands_verified_rows_with_per_level_stats(
-    engine: Engine, tmp_path: Path
-) -> None:
-    out = tmp_path / "run"
-    run_recipe(RECIPE, out, SMALL, show_progress=False)
+def test_dart_arith_lands_verified_rows_with_per_level_stats(dart_run: Path) -> None:
+    out = dart_run
     manifest = json.loads((out / "manifest.json").read_text())
     dart = manifest["stages"][0]
     assert dart["stage"] == "dart" and dart["rows_in"] == 10
@@ -59,3 +47,40 @@ def test_dart_arith_lands_verified_rows_with_per_level_stats(
         assert verdict.correct, (row["response"], row["reference"])
         assert row["verdict_extracted"] is not None
         assert row["query_correct"] >= 1 and row["query_trials"] <= 6
+
+
+def _query_rows(stage_dir: Path) -> dict[str, dict[str, Any]]:
+    """One row per sampled query of a finished dart stage folder: kept rows by their
+    parent_id, rejected ones (sampled, nothing kept) by their id."""
+    out: dict[str, dict[str, Any]] = {}
+    for pattern, key in (("part-*.parquet", "parent_id"), ("rejected/part-*.parquet", "id")):
+        for path in sorted(stage_dir.glob(pattern)):
+            frame = pl.read_parquet(path).filter(pl.col("query_trials").is_not_null())
+            for row in frame.iter_rows(named=True):
+                out[row[key]] = row
+    return out
+
+
+def test_difficulty_from_the_shared_run_skips_the_probe(dart_run: Path, tmp_path: Path) -> None:
+    """A second run reads the first run's counters: each query's fail rate is its failures
+    over every sample the first run drew, and the second run samples once, with no probe."""
+    first = json.loads((dart_run / "manifest.json").read_text())["stages"][0]
+    first_dir = dart_run / first["dir"]
+    pool = {}
+    for qid, row in _query_rows(first_dir).items():
+        trials, raw = row["query_trials"], row["query_raw_correct"]
+        assert raw >= row["query_correct"]
+        pool[qid] = round((trials - raw) / trials, 6)
+    assert len(pool) == 10
+
+    out = tmp_path / "again"
+    again = [f"stages.dart.difficulty_from={dart_run}", "stages.dart.samples_per_round=1"]
+    again.append("stages.dart.max_trials=1")
+    run_recipe(DART_RECIPE, out, [*DART_SMALL, *again], show_progress=False)
+    dart = json.loads((out / "manifest.json").read_text())["stages"][0]
+    source = dart["extra"]["difficulty"]
+    assert source["source"] == "earlier_run" and source["stage_dir"] == str(first_dir)
+    assert source["fingerprint"] == first["fingerprint"] and source["queries"] == 10
+    assert dart["engine"]["calls"] == 1  # one round of one sample each: no probing round
+    assert sum(b["trials"] for b in dart["extra"]["buckets"].values()) == 10
+    assert {q: r["fail_rate"] for q, r in _query_rows(out / dart["dir"]).items()} == pool

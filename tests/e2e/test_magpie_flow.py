@@ -35,6 +35,9 @@ SMALL = [
     "stages.magpie.instruction_max_tokens=40",
     "stages.magpie.response_max_tokens=80",
     "stages.heuristics.min_prompt_words=2",
+    # 80-token answers are mostly cut: keep them, so that k-means has more rows than its
+    # budget whatever the sampled text (with only 6 left, it kept all and rejected none)
+    "stages.heuristics.drop_truncated=false",
     "stages.kmeans.budget=6",
     "stages.kmeans.k=3",
 ]
@@ -117,6 +120,7 @@ def test_cli_query_formats(clean_run: Path, capsys: pytest.CaptureFixture[str]) 
     assert cli_main(["query", "--run", str(clean_run / "nope"), "select 1"]) == 2
 
 
+@pytest.mark.heavy
 def test_sigkill_mid_stage_then_resume_matches_clean_run(
     clean_run: Path, engine: Engine, tmp_path: Path
 ) -> None:

@@ -69,10 +69,18 @@ def test_start_math_executes_code_and_saves_it_in_the_trajectory(
     hinted = [r for r in rows.iter_rows(named=True) if r["hints"]]
     assert hinted
     for row in hinted:
-        hint = row["hints"][0]
-        assert hint["point"] == "stop"
-        assert row["response"][hint["position"] :].startswith(("Wait, ", "Alternatively, "))
-        assert row["response"][hint["position"] :].split("\n\n", 1)[1].startswith("```python\n")
+        kept = row[DROP_REASON] is None
+        for hint in row["hints"]:
+            kind, _, word = hint["point"].partition(":")
+            assert kind in ("stop", "trigger")
+            assert hint["text"].startswith(f"{word}, " if word else ("Wait, ", "Alternatively, "))
+            at = row["response"][hint["position"] :]
+            assert hint["edit"] in (("stripped", "marked") if kept else (None,))
+            if hint["edit"] == "stripped":  # Hint-RFT's modify step took it out: its code follows
+                assert hint["text"] not in row["response"] and at.startswith("```python\n")
+            else:  # the prefilled fence follows the hint
+                assert at.startswith(hint["text"] + "\n\n```python\n")
+    assert sum(extra["hints"].values()) == sum(len(r["hints"]) for r in rows.iter_rows(named=True))
 
     # the dataset holds exactly the kept trajectories (with 4 level-1 problems and one
     # sample each there may be none; the unit tests cover the filter on scripted models)

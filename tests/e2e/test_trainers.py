@@ -9,38 +9,33 @@ bundled SmolLM2 on CPU.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pytest
 import torch
+from dart_small import DART_RECIPE, DART_SMALL
 from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from gristmill.engines.base import Engine
 from gristmill.flows.recipe import run_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "dart-arith.yaml"
+RECIPE = DART_RECIPE
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-# As small as tests/e2e/test_dart_flow.py; the engine spec stays the recipe's, so the runs
-# reuse the session's engine.
+# As small as the shared DART run; the engine spec stays the recipe's, so the run reuses the
+# session's engine.
 SMALL = [
     "stages.dart.max_tokens=160",
     "stages.dart.samples_per_round=2",
     "stages.dart.k_p=2",
     "stages.dart.max_trials=6",
 ]
-SFT_RUN = [
-    *SMALL,
-    "input.rows=10",
-    "input.options={levels: [1, 3]}",
-    "stages.dart.probe_samples=2",
-    "output.format=messages",
-]
+SFT_RUN = [*DART_SMALL, "output.format=messages"]
 # A pair needs a right and a wrong answer to one problem: levels 1-3 and four probes each
 # give the tiny model both.
 DPO_RUN = [
@@ -62,9 +57,15 @@ def load_output(run: Path) -> datasets.Dataset:
 
 
 @pytest.fixture(scope="module")
-def sft_run(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sft_run(dart_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared DART run exported again as `messages`: only the output changes, so every
+    stage is reused from its checkpoint and nothing is generated again."""
     out = tmp_path_factory.mktemp("sft") / "run"
+    shutil.copytree(dart_run, out)
+    parts = {p: p.stat().st_mtime_ns for p in out.glob("01_dart-*/part-*.parquet")}
+    assert parts
     run_recipe(RECIPE, out, SFT_RUN, show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("01_dart-*/part-*.parquet")} == parts
     return out
 
 
@@ -148,6 +149,7 @@ def test_sft_trainer_takes_steps_on_a_messages_dataset(
     assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logs)
 
 
+@pytest.mark.heavy
 def test_dpo_trainer_takes_steps_on_a_preference_dataset(
     dpo_run: Path, bundled_model_path: Path, tmp_path: Path
 ) -> None:

@@ -19,13 +19,13 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 
-from gristmill.engines.base import Completion, Engine, Sampling
+from gristmill.engines.base import Completion, Engine, Sampling, ServerError, is_transient
 from gristmill.engines.openai import (
     Backoff,
     OpenAIEngine,
-    ServerError,
     finish_reason,
     parse_completions,
     parse_retry_after,
@@ -206,14 +206,18 @@ def test_client_error_fails_at_once_with_status_message_and_kind(script: Script)
     assert "HTTP 400" in message
     assert "max_tokens=5000 is more than max_model_len" in message
     assert info.value.status == 400
+    assert not is_transient(info.value)
     assert len(script.requests_to("/v1/completions")) == 1  # no retry
 
 
 def test_gives_up_after_max_retries_with_last_error(script: Script) -> None:
     script.queue("/v1/completions", *[busy(503, "overloaded") for _ in range(10)])
-    with pytest.raises(ServerError, match=r"after 4 attempts; last error: HTTP 503: overloaded"):
+    with pytest.raises(
+        ServerError, match=r"after 4 attempts; last error: HTTP 503: overloaded"
+    ) as info:
         engine(script, max_retries=3).generate(["x"], Sampling())
     assert len(script.requests_to("/v1/completions")) == 4
+    assert info.value.transient and is_transient(info.value)
 
 
 def test_connection_refused_is_retried_then_reported() -> None:
@@ -221,8 +225,36 @@ def test_connection_refused_is_retried_then_reported() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     eng = OpenAIEngine("m", base_url=f"http://127.0.0.1:{port}", max_retries=2, backoff=FAST)
-    with pytest.raises(ServerError, match=r"after 3 attempts; last error: ConnectError"):
+    with pytest.raises(ServerError, match=r"after 3 attempts; last error: ConnectError") as info:
         eng.generate(["x"], Sampling())
+    assert info.value.transient and is_transient(info.value)
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (httpx.ProxyError("proxy answered 502"), True),
+        (httpx.LocalProtocolError("illegal header value"), True),
+        (httpx.DecodingError("bad gzip body"), False),
+        (httpx.TooManyRedirects("redirect loop"), False),
+    ],
+)
+def test_unretried_httpx_errors_leave_as_server_errors(
+    monkeypatch: pytest.MonkeyPatch, exc: httpx.HTTPError, transient: bool
+) -> None:
+    calls: list[str] = []
+
+    async def request(self: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> None:
+        calls.append(url)
+        raise exc
+
+    monkeypatch.setattr(httpx.AsyncClient, "request", request)
+    eng = OpenAIEngine("m", base_url="http://127.0.0.1:9", max_retries=3, backoff=FAST)
+    with pytest.raises(ServerError, match=rf"generate request .* {type(exc).__name__}") as info:
+        eng.generate(["x"], Sampling())
+    assert calls == ["/v1/completions"], "not retried by the engine"
+    assert info.value.__cause__ is exc
+    assert info.value.transient is transient and is_transient(info.value) is transient
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:

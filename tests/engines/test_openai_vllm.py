@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gristmill.engines.base import Sampling
-from gristmill.engines.openai import Backoff, OpenAIEngine, ServerError
+from gristmill.engines.base import Sampling, ServerError
+from gristmill.engines.openai import Backoff, OpenAIEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 

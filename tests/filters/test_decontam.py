@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from gristmill.filters.decontam import Decontam, DecontamConfig, EvalSet, eval_index
-from gristmill.pipelines.checkpoint import SUCCESS
+from gristmill.pipelines.layout import SUCCESS
 from gristmill.pipelines.pipeline import Pipeline
-from gristmill.pipelines.recipe import RecipeError, load_recipe, recipe_from_mapping
+from gristmill.pipelines.recipe import Recipe, RecipeError
 from gristmill.pipelines.stage import StageContext
 from gristmill.records import RecordError, make_record, records_frame
 
@@ -230,7 +230,7 @@ def test_bad_eval_files_and_configs_give_clear_errors(tmp_path: Path) -> None:
         "stages": [{"decontam": {"eval_sets": [{"path": "e.jsonl", "feilds": ["q"]}]}}],
     }
     with pytest.raises(RecipeError, match=r"eval_sets\[0\]: unknown key\(s\) \['feilds'\]"):
-        recipe_from_mapping(raw, where="r.yaml")
+        Recipe.from_dict(raw, where="r.yaml")
 
 
 def test_index_is_built_once_per_config_and_again_when_the_file_changes(tmp_path: Path) -> None:
@@ -285,7 +285,7 @@ def test_recipe_runs_dedup_and_decontam_through_the_pipeline(tmp_path: Path) -> 
         ],
     }
     recipe_path.write_text(yaml.safe_dump(recipe))
-    pipe = Pipeline(load_recipe(recipe_path), tmp_path / "run", show_progress=False)
+    pipe = Pipeline(Recipe.from_yaml(recipe_path), tmp_path / "run", show_progress=False)
     dataset = pipe.run()
     exact, near, decontam = pipe.stages
     rejected = {

@@ -20,7 +20,7 @@ from gristmill.filters.dedup import (
     minhash_signatures,
     row_shingles,
 )
-from gristmill.pipelines.recipe import RecipeError, recipe_from_mapping
+from gristmill.pipelines.recipe import Recipe, RecipeError
 from gristmill.pipelines.stage import ROW_COLUMN, StageContext
 from gristmill.records import make_record, records_frame
 
@@ -39,7 +39,7 @@ def ctx(tmp_path: Path) -> StageContext:
 def run(
     stage: ExactDedup | MinHashDedup, frame: pl.DataFrame, context: StageContext
 ) -> pl.DataFrame:
-    return stage.select(frame.lazy().with_row_index(ROW_COLUMN), context).collect()
+    return stage.select(frame.with_row_index(ROW_COLUMN), context)
 
 
 def dropped(out: pl.DataFrame) -> list[int]:
@@ -206,16 +206,15 @@ def test_minhash_chain_keeps_the_row_far_from_every_survivor(
     )
 
 
-def test_char_shingles_catch_a_typo_and_order_comes_from_the_row_column(
+def test_char_shingles_catch_a_typo_and_the_row_column_passes_through(
     alpaca: pl.DataFrame, tmp_path: Path
 ) -> None:
     real = alpaca.row(4, named=True)  # "What kind of foods do they eat in Thailand"
     prompt, answer = str(real["prompt"]), str(real["response"])
     typo = answer.replace("Thai", "Tai", 1)
     frame = records_frame([qa(prompt, answer), qa(prompt, typo), qa("Another question?", "No.")])
-    indexed = frame.with_row_index(ROW_COLUMN).reverse()  # physically last-first
     cfg = MinHashDedupConfig(unit="char", ngram=5, threshold=0.9)
-    out = MinHashDedup(cfg).select(indexed.lazy(), ctx(tmp_path)).collect()
+    out = MinHashDedup(cfg).select(frame.with_row_index(ROW_COLUMN), ctx(tmp_path))
     by_row = dict(zip(out.get_column(ROW_COLUMN), out.get_column("drop_reason"), strict=True))
     assert by_row == {0: None, 1: "near_duplicate", 2: None}
 
@@ -228,14 +227,14 @@ def test_configs_from_recipe_yaml_and_their_errors(tmp_path: Path) -> None:
             {"minhash_dedup": {"fields": ["conversation"], "unit": "char", "ngram": 7}},
         ],
     }
-    recipe = recipe_from_mapping(raw, where="t.yaml")
+    recipe = Recipe.from_dict(raw, where="t.yaml")
     exact, near = (s.config for s in recipe.stages)
     assert exact == ExactDedupConfig(fields=("prompt",), strip_punctuation=True)
     assert near == MinHashDedupConfig(fields=("conversation",), unit="char", ngram=7)
-    assert recipe.stages[1].build().requires() == ("id", "messages")
+    assert recipe.stages[1].requires() == ("id", "messages")
     bad = {**raw, "stages": [{"minhash_dedup": {"unit": "byte"}}]}
     with pytest.raises(RecipeError, match=r"unit: 'byte' is not one of"):
-        recipe_from_mapping(bad, where="t.yaml")
+        Recipe.from_dict(bad, where="t.yaml")
     with pytest.raises(ValueError, match="threshold must be in"):
         MinHashDedupConfig(threshold=1.5)
     with pytest.raises(ValueError, match="at least one"):

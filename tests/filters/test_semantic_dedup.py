@@ -29,8 +29,9 @@ def ctx(tmp_path: Path) -> StageContext:
     )
 
 
-def indexed(frame: pl.DataFrame) -> pl.LazyFrame:
-    return frame.lazy().with_row_index(ROW_COLUMN)
+def indexed(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` as the pipeline hands it to `select`: in input order, with the row column."""
+    return frame.with_row_index(ROW_COLUMN)
 
 
 def brute_force(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,7 +59,7 @@ def test_planted_duplicates_drop_the_later_copy(alpaca: pl.DataFrame, tmp_path: 
     ]
     frame = records_frame(real[:20] + planted + real[20:])
     context = ctx(tmp_path)
-    out = SemanticDedup().select(indexed(frame), context).collect()
+    out = SemanticDedup().select(indexed(frame), context)
     assert out.height == frame.height  # every row comes back, drops carry a reason
     reasons = out.get_column("drop_reason").to_list()
     dropped = [i for i, r in enumerate(reasons) if r is not None]
@@ -79,17 +80,14 @@ def test_planted_duplicates_drop_the_later_copy(alpaca: pl.DataFrame, tmp_path: 
     assert context.extra_stats["rows_with_neighbors"] == 5
 
 
-def test_stats_and_input_order_come_from_the_row_column(tmp_path: Path) -> None:
+def test_stats_and_the_row_column_passes_through(tmp_path: Path) -> None:
     recs = [
         qa("How do I bake sourdough bread at home?"),
         qa("How do I bake sourdough bread at home?"),
     ]
     recs += [qa("What is the capital of Australia?")]
-    frame = records_frame(recs).with_row_index(ROW_COLUMN)
-    # physically reversed: "earliest" must still mean the smallest row number
-    shuffled = frame.reverse().lazy()
     context = ctx(tmp_path)
-    out = SemanticDedup().select(shuffled, context).collect()
+    out = SemanticDedup().select(indexed(records_frame(recs)), context)
     by_row = dict(zip(out.get_column(ROW_COLUMN), out.get_column("drop_reason"), strict=True))
     assert by_row == {0: None, 1: "near_duplicate", 2: None}
     assert context.extra_stats["near_duplicates"] == 1
@@ -104,7 +102,7 @@ def test_greedy_against_kept_rows_not_chains(tmp_path: Path) -> None:
         pl.Series("embedding", vecs.tolist())
     )
     bare = StageContext(stage_name="semantic_dedup", stage_index=0, seed=0, run_dir=tmp_path)
-    out = SemanticDedup().select(indexed(frame), bare).collect()  # no embedder needed
+    out = SemanticDedup().select(indexed(frame), bare)  # no embedder needed
     assert out.get_column("drop_reason").to_list() == [None, "near_duplicate", None]
     assert out.get_column("repeat_count").to_list() == [1, 2, 1]
 
@@ -132,7 +130,7 @@ def test_exact_against_brute_force(alpaca: pl.DataFrame) -> None:
 
 def test_single_row_and_config_errors(tmp_path: Path) -> None:
     frame = records_frame([qa("Only one row here.")])
-    out = SemanticDedup().select(indexed(frame), ctx(tmp_path)).collect()
+    out = SemanticDedup().select(indexed(frame), ctx(tmp_path))
     assert out.get_column("min_neighbor_distance").to_list() == [None]
     assert out.get_column("drop_reason").to_list() == [None]
     with pytest.raises(ValueError, match="threshold"):

@@ -11,8 +11,9 @@ import pytest
 
 from gristmill.engines.base import Engine
 from gristmill.flows.recipe import run_recipe
-from gristmill.flows.ref import PipelineRef, load_flow_recipe, pipeline_for
+from gristmill.flows.ref import PipelineRef, pipeline_for
 from gristmill.flows.runners import RunnerSpec, local_cluster
+from gristmill.pipelines.recipe import Recipe
 
 RecipeFactory = Callable[..., Path]
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +44,7 @@ def test_each_worker_process_builds_the_pipeline_once(
 ) -> None:
     from distributed import Client
 
-    ref = PipelineRef.of(load_flow_recipe(tiny_recipe()), tmp_path / "run")
+    ref = PipelineRef.of(Recipe.from_yaml(tiny_recipe()), tmp_path / "run")
     with (
         local_cluster(
             n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from prefect import Flow
 
-from gristmill.flows.ref import load_flow_recipe
 from gristmill.flows.schedule import ScheduleSpec
+from gristmill.pipelines.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())
@@ -43,7 +43,7 @@ def test_deployment_is_runnable(spec: dict[str, Any]) -> None:
     recipe = ROOT / params["recipe_path"]
     assert recipe.is_file(), f"{spec['name']}: recipe {params['recipe_path']} is missing"
     assert recipe.stem == spec["name"], "deployment named after its recipe, as in `serve`"
-    load_flow_recipe(recipe, params.get("overrides") or [])
+    Recipe.from_yaml(recipe, params.get("overrides") or [])
 
     (schedule,) = spec["schedules"]
     assert schedule["active"] is True

@@ -10,14 +10,13 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 
-from gristmill.engines.openai import ServerError
+from gristmill.engines.base import ServerError, TransientError, is_transient
 from gristmill.filters.heuristics import Heuristics
 from gristmill.flows.recipe import run_recipe
-from gristmill.flows.retry import RetryPolicy, TransientError, is_transient
+from gristmill.flows.retry import RetryPolicy
 from gristmill.pipelines.stage import StageContext
 
 RecipeFactory = Callable[..., Path]
@@ -36,8 +35,11 @@ PROCESS = Heuristics.process
             kind="generate",
             transient=True,
         ),
-        httpx.ReadTimeout("timed out"),
-        httpx.ConnectError("refused"),
+        ServerError(
+            "generate request to http://x/v1/completions failed: ProxyError: 502",
+            kind="generate",
+            transient=True,
+        ),
         TimeoutError("slow"),
         ConnectionResetError("reset"),
         TransientError("try later"),
@@ -65,8 +67,8 @@ def test_permanent_errors(exc: BaseException) -> None:
 def test_transient_cause_is_found_through_the_chain() -> None:
     try:
         try:
-            raise httpx.ReadTimeout("timed out")
-        except httpx.ReadTimeout as inner:
+            raise TimeoutError("timed out")
+        except TimeoutError as inner:
             raise RuntimeError("stage magpie failed") from inner
     except RuntimeError as outer:
         assert is_transient(outer)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gristmill.flows.ref import PipelineRef, load_flow_recipe, pipeline_for
+from gristmill.flows.ref import PipelineRef, pipeline_for
 from gristmill.flows.schedule import ScheduleSpec, pick_schedule, recipe_schedule
-from gristmill.pipelines.recipe import RecipeError
+from gristmill.pipelines.recipe import Recipe, RecipeError
 
 RecipeFactory = Callable[..., Path]
 
@@ -70,13 +70,13 @@ def test_recipe_with_schedule_loads_and_rebuilds_from_its_ref(
     tiny_recipe: RecipeFactory, tmp_path: Path
 ) -> None:
     path = tiny_recipe(schedule={"interval": 3600})
-    recipe = load_flow_recipe(path, ["stages.random.budget=4"])
-    assert recipe.name == "tiny-alpaca" and "schedule" not in recipe.raw
+    recipe = Recipe.from_yaml(path, ["stages.random.budget=4"])
+    assert recipe.name == "tiny-alpaca" and "schedule" not in recipe.to_dict()
     ref = PipelineRef.of(recipe, tmp_path / "run")
     pipeline = pipeline_for(ref)
     assert pipeline is pipeline_for(PipelineRef.of(recipe, tmp_path / "run")), "one per process"
     assert pipeline.stages[-1].stage.config.budget == 4  # type: ignore[attr-defined]
-    plain = pipeline_for(PipelineRef.of(load_flow_recipe(path), tmp_path / "run"))
+    plain = pipeline_for(PipelineRef.of(Recipe.from_yaml(path), tmp_path / "run"))
     assert plain is not pipeline
     assert plain.stages[0].fingerprint == pipeline.stages[0].fingerprint
     assert plain.stages[1].fingerprint != pipeline.stages[1].fingerprint, "override applied"

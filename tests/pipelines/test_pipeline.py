@@ -13,15 +13,10 @@ import pytest
 import yaml
 
 from gristmill.catalog import query
-from gristmill.pipelines.checkpoint import SUCCESS
+from gristmill.pipelines.layout import SUCCESS
 from gristmill.pipelines.pipeline import Pipeline
-from gristmill.pipelines.recipe import (
-    InputSpec,
-    OutputSpec,
-    Recipe,
-    StageEntry,
-)
-from gristmill.pipelines.stage import GlobalStage, MapStage, StageConfig, StageContext
+from gristmill.pipelines.recipe import Input, Output, Recipe
+from gristmill.pipelines.stage import Map, Select, StageConfig, StageContext
 
 CALLS: list[tuple[str, int]] = []
 
@@ -33,7 +28,7 @@ class ShoutConfig(StageConfig):
     batch_size: int = 8
 
 
-class Shout(MapStage):
+class Shout(Map):
     """Appends a suffix to responses; drops rows whose prompt mentions 'drop'."""
 
     name = "shout"
@@ -64,13 +59,13 @@ class EveryOtherConfig(StageConfig):
     pass
 
 
-class EveryOther(GlobalStage):
+class EveryOther(Select):
     """Keeps even input positions; marks multiples of 3 (odd ones) with a specific reason."""
 
     name = "every_other"
     Config = EveryOtherConfig
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         row = pl.col("_gm_row")
         return data.filter((row % 2 == 0) | (row % 3 == 0)).with_columns(
             drop_reason=pl.when(row % 2 == 1).then(pl.lit("odd_third")).otherwise(None)
@@ -92,17 +87,13 @@ def _recipe(path: Path, **shout: object) -> Recipe:
         name="t",
         seed=1,
         part_rows=6,
-        input=InputSpec(
-            path=str(path), mapping=(("prompt", "instruction"), ("response", "output"))
-        ),
-        engine=None,
+        input=Input(path=str(path), mapping={"prompt": "instruction", "response": "output"}),
         embedder="all-minilm-l6-v2",
         stages=(
-            StageEntry(cls=Shout, config=ShoutConfig(**shout)),  # type: ignore[arg-type]
-            StageEntry(cls=EveryOther, config=EveryOtherConfig()),
+            Shout(ShoutConfig(**shout)),  # type: ignore[arg-type]
+            EveryOther(EveryOtherConfig()),
         ),
-        output=OutputSpec(),
-        raw={"name": "t"},
+        output=Output(),
     )
 
 
@@ -184,7 +175,7 @@ def test_changed_input_file_changes_fingerprint(tmp_path: Path) -> None:
     assert Pipeline(_recipe(src), tmp_path / "r").input_fingerprint != before
 
 
-class NeedsScore(MapStage):
+class NeedsScore(Map):
     name = "needs_score"
     Config = EveryOtherConfig
 
@@ -194,8 +185,8 @@ class NeedsScore(MapStage):
 
 def test_missing_column_fails_before_any_work(tmp_path: Path) -> None:
     base = _recipe(_input(tmp_path))
-    stages = (base.stages[0], StageEntry(cls=NeedsScore, config=EveryOtherConfig()))
-    recipe = Recipe(**{**base.__dict__, "stages": stages})
+    stages = (base.stages[0], NeedsScore(EveryOtherConfig()))
+    recipe = dataclasses.replace(base, stages=stages)
     CALLS.clear()
     with pytest.raises(ValueError, match=r"requires column\(s\) \['score__quality'\]"):
         Pipeline(recipe, tmp_path / "run").run()
@@ -207,7 +198,7 @@ def test_unhashable_config_is_an_error() -> None:
     class BadConfig(StageConfig):
         thing: object = object()
 
-    class Bad(MapStage):
+    class Bad(Map):
         name = "bad"
         Config = BadConfig
 
@@ -235,7 +226,7 @@ def test_a_run_that_keeps_nothing_still_writes_a_loadable_dataset(tmp_path: Path
     path.write_text(
         "".join(json.dumps({"instruction": f"q{i} drop", "output": "a"}) + "\n" for i in range(8))
     )
-    recipe = dataclasses.replace(_recipe(path), output=OutputSpec(format=fmt))  # type: ignore[arg-type]
+    recipe = dataclasses.replace(_recipe(path), output=Output(format=fmt))  # type: ignore[arg-type]
     dataset = Pipeline(recipe, tmp_path / "run", show_progress=False).run()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert [s["rows_out"] for s in manifest["stages"]] == [0, 0]

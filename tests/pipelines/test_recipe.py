@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gristmill.engines.factory import EngineSpec
 from gristmill.filters.heuristics import HeuristicsConfig
-from gristmill.pipelines.recipe import RecipeError, apply_overrides, load_recipe
+from gristmill.pipelines.recipe import Recipe, RecipeError, apply_overrides
 from gristmill.selectors.kmeans import KMeansConfig
 from gristmill.synth.magpie import MagpieConfig
 
@@ -16,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_recipe_loads_with_typed_configs() -> None:
-    recipe = load_recipe(ROOT / "recipes" / "magpie.yaml")
+    recipe = Recipe.from_yaml(ROOT / "recipes" / "magpie.yaml")
     assert [s.name for s in recipe.stages] == [
         "magpie",
         "heuristics",
@@ -30,7 +35,7 @@ def test_default_recipe_loads_with_typed_configs() -> None:
 
 
 def test_overrides_reach_stages_input_engine_and_seed() -> None:
-    recipe = load_recipe(
+    recipe = Recipe.from_yaml(
         ROOT / "recipes" / "magpie.yaml",
         [
             "stages.kmeans.budget=7",
@@ -64,20 +69,20 @@ def test_overrides_reach_stages_input_engine_and_seed() -> None:
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
-        load_recipe(ROOT / "recipes" / "magpie.yaml", [override])
+        Recipe.from_yaml(ROOT / "recipes" / "magpie.yaml", [override])
 
 
 def test_unknown_stage_and_bad_yaml(tmp_path: Path) -> None:
     bad = tmp_path / "r.yaml"
     bad.write_text("input: {rows: 3}\nstages:\n  - nosuch: {}\n")
     with pytest.raises(RecipeError, match="unknown stage 'nosuch'"):
-        load_recipe(bad)
+        Recipe.from_yaml(bad)
     bad.write_text("input: {rows: 3}\nstages: [magpie\n")
     with pytest.raises(RecipeError, match="invalid YAML"):
-        load_recipe(bad)
+        Recipe.from_yaml(bad)
     bad.write_text("input: {rows: 3, path: x.jsonl}\nstages: [magpie]\n")
     with pytest.raises(RecipeError, match="exactly one of `path`"):
-        load_recipe(bad)
+        Recipe.from_yaml(bad)
 
 
 def test_overrides_do_not_mutate_the_input() -> None:
@@ -94,7 +99,7 @@ def test_every_shipped_recipe_validates_and_its_input_exists(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
-    recipe = load_recipe(path)
+    recipe = Recipe.from_yaml(path)
     assert recipe.stages
     if recipe.input.path is not None:
         assert Path(recipe.input.path).exists(), recipe.input.path
@@ -103,14 +108,96 @@ def test_every_shipped_recipe_validates_and_its_input_exists(
 def test_a_generator_input_is_built_typed_and_deterministic(tmp_path: Path) -> None:
     from gristmill.pipelines.generators import generate_input
 
-    recipe = load_recipe(ROOT / "recipes" / "dart-arith.yaml", ["input.rows=10"])
+    recipe = Recipe.from_yaml(ROOT / "recipes" / "dart-arith.yaml", ["input.rows=10"])
     assert recipe.input.generator == "arith" and recipe.input.rows == 10
-    a = generate_input("arith", rows=10, seed=0, options=(("levels", [1, 2]),))
-    b = generate_input("arith", rows=10, seed=0, options=(("levels", [1, 2]),))
+    a = generate_input("arith", rows=10, seed=0, options={"levels": [1, 2]})
+    b = generate_input("arith", rows=10, seed=0, options={"levels": [1, 2]})
     assert a.equals(b) and set(a["level"]) == {1, 2} and a.height == 10
     with pytest.raises(ValueError, match="unknown option"):
-        generate_input("arith", rows=3, seed=0, options=(("level", [1]),))
+        generate_input("arith", rows=3, seed=0, options={"level": [1]})
     with pytest.raises(ValueError, match="unknown input generator"):
         generate_input("nope", rows=3, seed=0)
     with pytest.raises(RecipeError, match="needs `rows`"):
-        load_recipe(ROOT / "recipes" / "dart-arith.yaml", ["input.rows=null", "input.path=x.jsonl"])
+        Recipe.from_yaml(
+            ROOT / "recipes" / "dart-arith.yaml", ["input.rows=null", "input.path=x.jsonl"]
+        )
+
+
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml")) + sorted(
+    (ROOT / "tests" / "data").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: Path(p).name)
+def test_yaml_to_dict_and_back_round_trips_exactly(path: Path) -> None:
+    recipe = Recipe.from_yaml(path)
+    data = recipe.to_dict()
+    assert list(data) == [
+        "name",
+        "seed",
+        "part_rows",
+        "input",
+        "engines",
+        "embedder",
+        "stages",
+        "output",
+    ]
+    again = Recipe(**data)
+    assert again == recipe and again.to_dict() == data
+    assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+    for entry, stage in zip(data["stages"], recipe.stages, strict=True):
+        ((key, config),) = entry.items()
+        assert key == stage.name  # built-ins by name
+        assert set(config) == {f.name for f in dataclasses.fields(stage.config)}, (
+            "to_dict writes every config field, defaults included"
+        )
+
+
+def test_python_recipe_has_defaults_and_records_its_config() -> None:
+    import gristmill as gm
+
+    recipe = gm.Recipe(stages=[gm.stages.Heuristics(max_response_words=80)])
+    assert (recipe.name, recipe.seed, recipe.part_rows, recipe.engine) == ("recipe", 0, 64, None)
+    assert recipe.input == gm.Input(rows=100) and recipe.output == gm.Output()
+    stage_cfg = recipe.to_dict()["stages"][0]["heuristics"]
+    assert stage_cfg["max_response_words"] == 80 and stage_cfg["drop_echo"] is True
+    engine = gm.Engine(model="m", options={"max_model_len": 512})
+    assert engine == EngineSpec(model="m", options=(("max_model_len", 512),))
+    with pytest.raises(RecipeError, match="stages"):
+        gm.Recipe(stages=[])
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['max_words'\]; valid keys:"):
+        gm.stages.Heuristics(max_words=3)
+
+
+def test_checking_recipes_loads_no_model_library() -> None:
+    """Loading, planning and column-checking every shipped recipe imports no torch, faiss,
+    sentence-transformers, transformers or vLLM: those load when a stage runs."""
+    code = textwrap.dedent(
+        f"""
+        import os, sys, tempfile
+        os.chdir({str(ROOT)!r})
+        import gristmill as gm
+        from gristmill.pipelines.pipeline import Pipeline
+        for path in {[str(p) for p in SHIPPED]!r}:
+            recipe = gm.Recipe.from_yaml(path)
+            Pipeline(recipe, tempfile.mkdtemp()).check_columns()
+        heavy = ("torch", "faiss", "sentence_transformers", "transformers", "vllm")
+        print(sorted(m for m in heavy if m in sys.modules))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_readme_stage_table_is_the_generated_one() -> None:
+    from gristmill.stages import stage_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert stage_table() in readme, "regenerate it: gristmill stages --markdown"
+
+
+def test_citations_come_from_the_stage_classes() -> None:
+    from gristmill.stages import BUILTIN
+
+    cited = {cls.name for cls in BUILTIN if cls.citation}
+    assert {"magpie", "dart", "clear", "grape", "s2l", "kmeans", "hint_infer"} <= cited

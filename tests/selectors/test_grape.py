@@ -45,6 +45,10 @@ class CharEngine:
     def tokens(text: str) -> list[str]:
         return re.findall(r"\n\n|.", text, flags=re.S)
 
+    @property
+    def chat_template(self) -> str | None:
+        return "[chars]"  # a chat model: prompts go through chat_prompt
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokens(text))
 
@@ -82,13 +86,13 @@ def context(tmp_path: Path, engine: object) -> StageContext:
         stage_index=0,
         seed=0,
         run_dir=tmp_path,
-        engine_factory=lambda: engine,  # type: ignore[arg-type,return-value]
+        engine_factory=lambda _name: engine,  # type: ignore[arg-type,return-value]
     )
 
 
 def run(frame: pl.DataFrame, ctx: StageContext, **config: object) -> pl.DataFrame:
     stage = GrapeSelect(GrapeConfig(**config))  # type: ignore[arg-type]
-    return stage.select(frame.lazy().with_row_index(ROW_COLUMN), ctx).collect()
+    return stage.select(frame.with_row_index(ROW_COLUMN), ctx)
 
 
 # ---- scoring ------------------------------------------------------------------------------

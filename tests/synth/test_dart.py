@@ -4,6 +4,7 @@ pairs, dedup, and resume between rounds (the real-engine run is in tests/e2e).""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,12 +16,22 @@ import pytest
 from scripted import ScriptedBase
 
 from gristmill.engines.base import Completion, Sampling
+from gristmill.pipelines.checkpoint import atomic_write_json, atomic_write_parquet
+from gristmill.pipelines.layout import SUCCESS, RunLayout
 from gristmill.pipelines.stage import StageContext
 from gristmill.records import DROP_REASON, make_record, records_frame, validate_frame
 from gristmill.synth.dart import Dart, DartConfig, prop2diff_target
-from gristmill.synth.rejection import RejectionConfig, RejectionSample
+from gristmill.synth.difficulty import read_counters
+from gristmill.synth.rejection import (
+    BucketStats,
+    RejectionConfig,
+    RejectionSample,
+    SamplerStats,
+    build_verifier,
+)
 from gristmill.synth.sampling import equation_key, load_state
 from gristmill.verify import get_verifier
+from gristmill.verify.math import MathVerifier
 
 #: Probability that the scripted model answers each question correctly.
 SKILL = {"q-easy": 1.0, "q-mid": 0.5, "q-hard": 0.15, "q-never": 0.0}
@@ -39,6 +50,8 @@ class ScriptedEngine(ScriptedBase):
 
     model_id: str = "scripted/solver"
     truncate_wrong: bool = False
+    #: Every correct answer of a question has the same text (duplicates for `dedup`).
+    same_correct_text: bool = False
 
     def generate(
         self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling]
@@ -53,7 +66,8 @@ class ScriptedEngine(ScriptedBase):
                 seed = s.seed + j
                 right = _unit(q, seed) < SKILL[q]
                 answer = ANSWERS[q] if right else str(int(ANSWERS[q]) + 1 + seed % 7)
-                text = f"Work {seed % 1000}: 2 + 2 = 4. The answer is {answer}."
+                work = "same" if (right and self.same_correct_text) else seed % 1000
+                text = f"Work {work}: 2 + 2 = 4. The answer is {answer}."
                 finish = "length" if (self.truncate_wrong and not right and j % 2) else "stop"
                 cands.append(Completion(text, finish, len(prompt.split()), 12))
             out.append(cands)
@@ -80,13 +94,15 @@ def ctx(tmp_path: Path, engine: ScriptedEngine, name: str = "dart") -> StageCont
         stage_index=1,
         seed=7,
         run_dir=tmp_path,
-        engine_factory=lambda: engine,
+        engine_factory=lambda _name: engine,
         show_progress=False,
         state_dir=tmp_path / "state" / "part-00000",
     )
 
 
 def kept_and_dropped(out: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    if DROP_REASON not in out.columns:
+        return out, out.head(0)
     dropped = out.filter(pl.col(DROP_REASON).is_not_null())
     kept = out.filter(pl.col(DROP_REASON).is_null()).drop(DROP_REASON)
     return kept, dropped
@@ -149,6 +165,16 @@ def test_prop2diff_targets_follow_probe_fail_rates(tmp_path: Path) -> None:
     assert stats["calls"] == len(engine.calls)
     assert sum(b["queries"] for b in stats["buckets"].values()) == 4
     assert stats["buckets"]["fail=1"]["coverage"] == 0.0
+    # every sample is counted once by its verdict reason
+    assert sum(stats["verdicts"].values()) == sum(b["trials"] for b in stats["buckets"].values())
+    assert stats["verdicts"]["equal"] >= len(kept)
+
+
+def test_compare_units_reaches_the_math_verifier() -> None:
+    assert build_verifier(DartConfig()) == MathVerifier()
+    strict = build_verifier(RejectionConfig(compare_units=True, allow_last_number=True))
+    assert strict == MathVerifier(compare_units=True, allow_last_number=True)
+    assert strict("\\boxed{5 cm}", "5 m").reason == "wrong_unit"
 
 
 def test_prop2diff_target_is_exact_integer_ceiling() -> None:
@@ -229,6 +255,25 @@ def test_rejection_rounds_are_one_call_each_and_dedup_by_text(tmp_path: Path) ->
     assert set(kept["verdict_reason"]) == {"equal"}
 
 
+def test_code_verification_on_a_weak_sandbox_needs_the_opt_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gristmill.sandbox import WeakIsolationError, probes
+
+    monkeypatch.setattr(probes, "isolation", lambda: "socket-denied-seccomp")
+    engine = ScriptedEngine()
+    with pytest.raises(WeakIsolationError, match=r"stage 'rejection'.*isolation: weak"):
+        RejectionSample(RejectionConfig(verifier="code")).process(
+            queries(), ctx(tmp_path, engine, "rejection")
+        )
+    assert engine.calls == []
+    # math answers run no code: no sandbox needed, no opt-in
+    out = RejectionSample(RejectionConfig(k=1)).process(queries(), ctx(tmp_path, engine))
+    assert out.height > 0
+    with pytest.raises(ValueError, match="isolation"):
+        RejectionConfig(isolation="off")  # type: ignore[arg-type]
+
+
 def test_equation_dedup_collapses_paths_with_the_same_equations() -> None:
     a = "First 12 + 5 = 17 apples. Then 17 * 2 = 34. The answer is 34."
     b = "We add: 12+5=17. Doubling, 17*2 = 34 so the answer is 34"
@@ -236,3 +281,168 @@ def test_equation_dedup_collapses_paths_with_the_same_equations() -> None:
     assert equation_key(a) == equation_key(b)
     assert equation_key(a) != equation_key(c)
     assert equation_key("no equations here") == "no equations here"
+
+
+def test_part_stats_merge_into_stage_stats_in_bucket_order() -> None:
+    one = SamplerStats(
+        buckets={"10": BucketStats(queries=2, covered=1, trials=8, sample_tokens=80)},
+        rounds=3,
+        calls=3,
+    )
+    two = SamplerStats(
+        buckets={
+            "10": BucketStats(queries=2, covered=2, trials=4, kept=2, kept_tokens=30),
+            "2": BucketStats(queries=1, covered=1, trials=2, kept=1, kept_tokens=12),
+        },
+        rounds=5,
+        calls=5,
+    )
+    parts = [SamplerStats.from_dict(s.to_dict()) for s in (one, two)]
+    merged = SamplerStats.merge(parts).to_dict()
+    assert list(merged["buckets"]) == ["2", "10"]  # numeric bucket names by value
+    assert merged["rounds"] == 5 and merged["calls"] == 8
+    ten = merged["buckets"]["10"]
+    assert (ten["queries"], ten["covered"], ten["trials"]) == (4, 3, 12)
+    assert ten["coverage"] == 0.75  # from the sums, not the parts' 0.5 and 1.0
+    assert ten["mean_response_tokens"] == 15.0 and ten["mean_sample_tokens"] == 6.7
+
+
+# ---- difficulty from an earlier run, and what a target counts ------------------------------
+
+
+def sampled_counts(engine: ScriptedEngine) -> dict[str, tuple[int, int]]:
+    """Per question: (trials, correct) recounted from the engine's calls, independently of the
+    stage's counters (each sample's correctness follows from its question and seed)."""
+    out: dict[str, tuple[int, int]] = {}
+    for call in engine.calls:
+        for prompt, s in call:
+            q = next(k for k in SKILL if k in prompt)
+            assert s.seed is not None
+            right = sum(_unit(q, s.seed + j) < SKILL[q] for j in range(s.n))
+            trials, correct = out.get(q, (0, 0))
+            out[q] = (trials + s.n, correct + right)
+    return out
+
+
+def write_stage(run: Path, out: pl.DataFrame, *, index: int = 1, name: str = "dart") -> Path:
+    """`out` saved as a finished stage of run folder `run`, as the pipeline lays it out."""
+    layout = RunLayout(run)
+    folder = layout.stage_dir(index, name, f"{index:02d}abcdef0123456789")
+    kept, dropped = kept_and_dropped(out)
+    atomic_write_parquet(kept, layout.part(folder, 0))
+    atomic_write_parquet(dropped, layout.rejected(folder, 0))
+    success = {"stage": name, "fingerprint": f"fp-{name}-{index}", "parts": ["part-00000.parquet"]}
+    atomic_write_json(success, layout.success(folder))
+    earlier = json.loads(layout.manifest.read_text())["stages"] if index > 1 else []
+    atomic_write_json({"stages": [*earlier, {"stage": name, "dir": folder.name}]}, layout.manifest)
+    return folder
+
+
+def by_question(out: pl.DataFrame, column: str) -> dict[str, Any]:
+    """`column` per question, from kept rows (by parent_id) and dropped rows (by id)."""
+    names = dict(zip(queries()["id"], SKILL, strict=True))
+    kept, dropped = kept_and_dropped(out)
+    got: dict[str, Any] = {}
+    for key, frame in (("parent_id", kept), ("id", dropped)):
+        for qid, value in zip(frame[key], frame[column], strict=True):
+            assert got.setdefault(names[qid], value) == value, (qid, column)
+    return got
+
+
+def test_difficulty_from_reproduces_an_earlier_runs_fail_rates(tmp_path: Path) -> None:
+    # run 1: Prop2Diff with a 4-sample probe, then more rounds for the hard questions
+    first = ScriptedEngine()
+    cfg1 = DartConfig(k_p=6, probe_samples=4, samples_per_round=4, max_trials=24)
+    out1 = Dart(cfg1).process(queries(), ctx(tmp_path / "one", first))
+    run = tmp_path / "run-one"
+    folder = write_stage(run, out1)
+    pool = sampled_counts(first)
+    expected = {q: round((t - c) / t, 6) for q, (t, c) in pool.items()}
+    assert by_question(out1, "query_trials") == {q: t for q, (t, _) in pool.items()}
+    assert by_question(out1, "query_raw_correct") == {q: c for q, (_, c) in pool.items()}
+    # the pool's rate is not the probe's 1/4 steps: at least one question moved
+    assert by_question(out1, "fail_rate") != expected
+
+    # run 2 reads run 1's counters: the same per-query fail rates, and no probe
+    second = ScriptedEngine()
+    cfg2 = DartConfig(
+        k_p=6, probe_samples=3, samples_per_round=5, max_trials=5, difficulty_from=str(run)
+    )
+    context = ctx(tmp_path / "two", second)
+    out2 = Dart(cfg2).process(queries(), context)
+    assert by_question(out2, "fail_rate") == expected
+    targets = {q: prop2diff_target(6, t - c, t) for q, (t, c) in pool.items()}
+    assert by_question(out2, "query_target") == targets
+    assert len(second.calls) == 1  # one round of samples_per_round, no probing round
+    assert [s.n for _, s in second.calls[0]] == [5, 5, 5, 5]
+    source = context.extra_stats["difficulty"]
+    assert source["source"] == "earlier_run" and source["difficulty_from"] == str(run)
+    assert source["stage_dir"] == str(folder) and source["fingerprint"] == "fp-dart-1"
+    assert source["queries"] == 4
+    # the stage folder itself gives the same counters
+    assert read_counters(folder).counts == read_counters(run).counts
+
+
+def test_difficulty_from_names_the_queries_it_lacks(tmp_path: Path) -> None:
+    engine = ScriptedEngine()
+    out = Dart(DartConfig(strategy="uniform", k_u=1, max_trials=8)).process(
+        queries(), ctx(tmp_path / "one", engine)
+    )
+    run = tmp_path / "run"
+    folder = write_stage(run, out)
+    never = queries()["id"][3]
+    # a dataset holds kept rows only: the never-solved question has no counters there
+    data = folder / "part-00000.parquet"
+    calls = len(engine.calls)
+    with pytest.raises(ValueError, match=rf"for 1 of 4 queries: {never}\. "):
+        Dart(DartConfig(difficulty_from=str(data))).process(queries(), ctx(tmp_path / "d", engine))
+    assert len(engine.calls) == calls  # checked before any sample is drawn
+    # rows written before query_raw_correct existed: the error names the column
+    old = tmp_path / "old.parquet"
+    pl.read_parquet(data).drop("query_raw_correct").write_parquet(old)
+    with pytest.raises(ValueError, match=r"old.parquet has no column\(s\) \['query_raw_correct'\]"):
+        read_counters(old)
+    # a second sampling stage in the run: it must be named
+    write_stage(run, out, index=2, name="rejection")
+    with pytest.raises(ValueError, match=r"2 sampling stages .*name one folder"):
+        read_counters(run)
+    (folder / SUCCESS).unlink()
+    with pytest.raises(ValueError, match="has not finished"):
+        read_counters(folder)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_counters(tmp_path / "nowhere")
+
+
+def test_count_raw_counts_duplicate_correct_answers_toward_the_target(tmp_path: Path) -> None:
+    """q-easy answers right every time with the same text: one distinct answer only."""
+    base = {"strategy": "uniform", "k_u": 3, "samples_per_round": 4, "max_trials": 16}
+    runs = {}
+    for count, dedup in (("distinct", "text"), ("raw", "text"), ("raw", "none")):
+        engine = ScriptedEngine(same_correct_text=True)
+        cfg = DartConfig(count=count, dedup=dedup, **base)  # type: ignore[arg-type]
+        out = Dart(cfg).process(queries(("q-easy",)), ctx(tmp_path / f"{count}-{dedup}", engine))
+        runs[count, dedup] = kept_and_dropped(out)[0]
+    distinct = runs["distinct", "text"]
+    assert distinct["query_trials"][0] == 16  # never 3 distinct answers: sampled to the cap
+    assert distinct.height == 1
+    raw = runs["raw", "text"]
+    assert raw["query_trials"][0] == 4 and raw["query_raw_correct"][0] == 4  # one round
+    assert raw.height == 1  # the stop is the reference's, the rows stay deduplicated
+    reference = runs["raw", "none"]  # the reference's rule: the first k_u correct answers
+    assert reference["query_trials"][0] == 4 and reference.height == 3
+
+
+def test_dart_config_defaults_and_difficulty_options() -> None:
+    cfg = DartConfig()
+    # DART-Math's synthesis settings (README, scripts/synth-vrt.sh, scripts/synth-onpolicy.sh)
+    assert (cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.max_trials) == (1.6, 0.95, 2048, 2048)
+    assert cfg.count == "distinct" and cfg.probing
+    assert not DartConfig(difficulty_from="runs/pool").probing
+    # no probe: probe_samples may exceed a small cap
+    DartConfig(difficulty_from="runs/pool", probe_samples=8, max_trials=2)
+    with pytest.raises(ValueError, match="not both"):
+        DartConfig(difficulty_from="runs/pool", difficulty_column="rate")
+    with pytest.raises(ValueError, match="only apply to strategy 'prop2diff'"):
+        DartConfig(strategy="uniform", difficulty_from="runs/pool")
+    with pytest.raises(ValueError, match="count must be"):
+        DartConfig(count="all")  # type: ignore[arg-type]

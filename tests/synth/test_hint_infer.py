@@ -19,14 +19,16 @@ from scripted import ScriptedBase
 
 from gristmill.engines.base import Completion, EngineStats, Sampling
 from gristmill.engines.factory import EngineSpec
-from gristmill.pipelines.recipe import RecipeError, load_recipe, recipe_from_mapping
+from gristmill.pipelines.recipe import Recipe, RecipeError
 from gristmill.pipelines.stage import MeteredEngine, StageContext
 from gristmill.records import DROP_REASON, make_record, read_records, records_frame, validate_frame
 from gristmill.sandbox import SandboxPool
 from gristmill.synth.hint_infer import (
+    CODE_FENCE,
     FENCE_STOP,
     HintInfer,
     HintInferConfig,
+    HintInferStats,
     LoopSettings,
     LoopState,
     Problem,
@@ -37,7 +39,15 @@ from gristmill.synth.hint_infer import (
     strip_outputs,
     verifier_input,
 )
-from gristmill.synth.hints import LIBRARY, cut_final_answer, get_hint, hints_for
+from gristmill.synth.hints import (
+    LIBRARY,
+    TriggerMatch,
+    cut_final_answer,
+    edit_hints,
+    get_hint,
+    hints_for,
+    trigger_matches,
+)
 from gristmill.verify import get_verifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +70,7 @@ class ScriptedEngine(ScriptedBase):
     script: Script
     max_model_len: int | None = 4096
     model_id: str = field(default="scripted/start", kw_only=True)
+    completions: list[Completion] = field(default_factory=list, kw_only=True)
 
     def generate(
         self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling]
@@ -80,6 +91,7 @@ class ScriptedEngine(ScriptedBase):
                 cut, stop, finish = cut[: spans[s.max_tokens - 1].end()], None, "length"
             tokens = min(len(spans), s.max_tokens)
             out.append([Completion(cut, finish, _words(prompt), tokens, stop)])  # type: ignore[arg-type]
+        self.completions.extend(c for (c,) in out)
         return out
 
 
@@ -112,7 +124,7 @@ def context(tmp_path: Path, engine: ScriptedEngine) -> StageContext:
         stage_index=1,
         seed=3,
         run_dir=tmp_path,
-        engine_factory=lambda: engine,
+        engine_factory=lambda _name: engine,
         show_progress=False,
         state_dir=tmp_path / "state" / "part-00000",
     )
@@ -306,11 +318,13 @@ def test_hint_after_the_models_own_wait() -> None:
     assert use.point == "trigger:Wait"
     hint = get_hint(use.hint_id)
     assert t.text.startswith(f"Two plus three is six.\n\n{hint.after('Wait')}\n\n```python\n")
-    assert t.text[use.position :].startswith("Wait, ")
-    assert engine.calls[0][0][1].stop == (FENCE_STOP, "Wait", "Alternatively")
-    # the budget is spent: the model's later "Wait" no longer stops it
-    assert engine.calls[-1][0][1].stop == (FENCE_STOP,)
+    assert t.text[use.position :].startswith("Wait, ") and use.text == hint.after("Wait")
+    # triggers are no stop strings: the round ran to its end and was cut back at "Wait"
+    assert all(s.stop == (FENCE_STOP,) for call in engine.calls for _, s in call)
+    assert t.discarded_tokens == _words("Wait, let me recount. The answer is 6.")
+    # the budget is spent: the model's later "Wait" gets no hint
     assert t.text.endswith("The answer is 5. Wait, that is right.") and t.finish == "eos"
+    assert t.output_tokens == sum(c.output_tokens for c in engine.completions) - 8
 
 
 def test_alternatively_trigger_keeps_the_models_word() -> None:
@@ -323,6 +337,206 @@ def test_alternatively_trigger_keeps_the_models_word() -> None:
     (t,) = state.trajectories
     body = get_hint(t.hints[0].hint_id).body
     assert t.text == f"It is 5. Alternatively, {body}\nThe answer is 5."
+
+
+#: A reasoning with three whole-word triggers (B, D, E) and one inside a word (C).
+REASONING = (
+    "A is 2. ",
+    "Wait, B is 3. ",
+    "Waiting for C is no trigger. ",
+    "Alternatively, D is 4. ",
+    "Wait, E is 5. ",
+    "The answer is 5.",
+)
+CANDIDATES = (1, 3, 4)  # the sentences a trigger hint may go before
+CALC = get_hint("math-calc")
+
+
+def reasoner(user: str, so_far: str) -> str:
+    """Writes REASONING; after a hint it writes code (with a "Wait" in a comment) and, once
+    the output is back, goes on after the sentence each hint took the place of."""
+    if so_far.endswith(CODE_FENCE):
+        return "# Wait for it\nprint(5)\n```\n"
+    present = [(so_far.rfind(x), i) for i, x in enumerate(REASONING) if x in so_far]
+    if not present:
+        return "".join(REASONING)
+    at, last = max(present)
+    return "".join(REASONING[last + 1 + so_far.count(CALC.body, at) :])
+
+
+RAN = "```python\n# Wait for it\nprint(5)\n```\n```output\n5\n```\n"
+
+
+@pytest.mark.parametrize("policy", ["first", "last", "random", "every"])
+def test_hint_positions_land_where_the_policy_says(policy: str) -> None:
+    samples = 4 if policy == "random" else 1  # seeded per sample: 4 show the spread
+    state, engine = loop(
+        reasoner,
+        insert_at=("trigger",),
+        trigger_position=policy,
+        hint_ids=(CALC.id,),
+        samples=samples,
+        baseline=False,
+    )
+    # whole words only, found in the finished round: no trigger is a stop string
+    assert all(s.stop == (FENCE_STOP,) for call in engine.calls for _, s in call)
+    chosen = set()
+    for t in state.trajectories:
+        assert t.finish == "eos" and "Waiting for C" in t.text
+        assert all(t.text[h.position :].startswith(h.text) for h in t.hints)
+        if policy == "every":  # one before each trigger the model writes, in turn
+            assert [h.point for h in t.hints] == [
+                "trigger:Wait",
+                "trigger:Alternatively",
+                "trigger:Wait",
+            ]
+            assert t.text == (
+                f"A is 2. {CALC.after('Wait')}\n\n{RAN}Waiting for C is no trigger. "
+                f"{CALC.after('Alternatively')}\n\n{RAN}{CALC.after('Wait')}\n\n{RAN}"
+                "The answer is 5."
+            )
+            assert len(t.tool_calls) == 3
+            continue
+        (use,) = t.hints  # trigger_hints=1: one hint, the later triggers get none
+        if policy == "random":
+            index = CANDIDATES[sha_seed(t.query_id, t.sample, "trigger", 0) % 3]
+        else:
+            index = CANDIDATES[0] if policy == "first" else CANDIDATES[-1]
+        chosen.add(index)
+        word = REASONING[index].split(",")[0]
+        assert use.point == f"trigger:{word}" and use.round == 0
+        assert t.text == (
+            "".join(REASONING[:index])
+            + f"{CALC.after(word)}\n\n{RAN}"
+            + "".join(REASONING[index + 1 :])
+        )
+        assert t.discarded_tokens == _words("".join(REASONING[index:]))
+    if policy == "random":  # seeded per sample: the samples do not all take the same one
+        assert len(chosen) > 1
+
+
+def test_a_round_that_ran_out_of_tokens_is_cut_back_at_its_trigger() -> None:
+    def rambler(user: str, so_far: str) -> str:
+        if so_far.endswith(CODE_FENCE):
+            return "print(2 + 3)\n```\n"
+        return "It is 6. Wait, " + "and so on " * 50 if not so_far else "The answer is 5."
+
+    state, engine = loop(rambler, insert_at=("trigger",), max_tokens=30, baseline=False)
+    (t,) = state.trajectories
+    (use,) = t.hints
+    assert use.point == "trigger:Wait" and t.text.startswith(f"It is 6. {use.text}")
+    assert t.finish == "eos" and t.tool_calls[0].output == "5"
+    first, second = (call[0][1].max_tokens for call in engine.calls[:2])
+    assert engine.completions[0].finish_reason == "length" and first == 30
+    assert t.discarded_tokens == 30 - 3 and second == 30 - 3  # only "It is 6." was kept
+
+
+def test_trigger_matches_whole_words_outside_blocks() -> None:
+    text = "Wait. Waiting, await; wait. (Wait) Alternatively\n```\nWait\n```\nWait"
+    block = (text.index("```"), text.rindex("```") + 3)
+    found = trigger_matches(text, ("Wait", "Alternatively"), skip=[block])
+    assert found == [
+        TriggerMatch(start=0, word="Wait"),
+        TriggerMatch(start=text.index("(Wait") + 1, word="Wait"),
+        TriggerMatch(start=text.index("Alternatively"), word="Alternatively"),
+        TriggerMatch(start=len(text) - 4, word="Wait"),
+    ]
+    assert trigger_matches(text, ("Wait",), start=1, skip=[block])[0].start == text.index("(W") + 1
+
+
+def test_no_trigger_hint_when_the_model_opens_python_itself() -> None:
+    def coder(user: str, so_far: str) -> str:
+        if not so_far:
+            return "Wait, let me compute it.\n```python\nprint(2 + 3)\n```\n"
+        return "The answer is 5."
+
+    state, _ = loop(coder, insert_at=("trigger",), baseline=False)
+    (t,) = state.trajectories
+    assert t.hints == [] and [c.output for c in t.tool_calls] == ["5"]
+    assert t.text.startswith("Wait, let me compute it.\n```python\n")
+
+
+def thinker(user: str, so_far: str) -> str:
+    """Hesitates once ("Wait") and is wrong; right with Python, after each hint."""
+    if so_far.endswith(CODE_FENCE):
+        return "print(2 + 3)\n```\n"
+    if not so_far:
+        return "2 + 3 is 6. Wait, maybe it is 6. The answer is 6."
+    if so_far.count("```output") == 1:
+        return "So it is 5. The answer is 5."
+    return "The answer is 5."
+
+
+def test_default_hints_a_trigger_and_the_stop_point_then_strips_them(tmp_path: Path) -> None:
+    frame = problems_frame([(2, 3)])
+    cfg = HintInferConfig(
+        prefill_code_fence=True,
+        samples=2,
+        hint_choice="cycle",
+        hint_ids=("math-calc", "math-check"),
+    )
+    ctx = context(tmp_path, ScriptedEngine(thinker))
+    out = HintInfer(cfg).process(frame, ctx)
+    first, second = out.sort("sample_index").iter_rows(named=True)
+    ran = "```python\nprint(2 + 3)\n```\n```output\n5\n```\n"
+    # both hints began a sentence and were followed by their code: the modify step strips them
+    assert first[DROP_REASON] is None
+    assert first["response"] == f"2 + 3 is 6.\n\n{ran}So it is 5.\n\n{ran}The answer is 5."
+    assert [(h["point"], h["edit"]) for h in first["hints"]] == [
+        ("trigger:Wait", "stripped"),
+        ("stop", "stripped"),
+    ]
+    for h in first["hints"]:
+        assert first["response"][h["position"] :].startswith("```python\n")
+        assert h["text"] not in first["response"]
+    for call in first["tool_calls"]:
+        assert first["response"][call["position"] :].startswith("```output\n5\n```")
+    assert first["messages"][-1]["content"] == first["response"]
+    assert first["hint_only_solved"] and first["verified"]
+    # the second sample differed only in its hints: once they are gone it is a duplicate,
+    # and a rejected row keeps its text as generated
+    assert second[DROP_REASON] == "duplicate" and second["hints"][0]["edit"] is None
+    for h in second["hints"]:
+        assert second["response"][h["position"] :].startswith(h["text"])
+    stats = ctx.extra_stats
+    assert stats["hints"] == {"trigger": 2, "stop": 2} and stats["hint_triggers"] == {"Wait": 2}
+    assert stats["hint_edits"] == {"stripped": 2}
+    assert stats["discarded_tokens"] == 2 * _words("Wait, maybe it is 6. The answer is 6.")
+    # `mark`: the text stays as generated, every hint is marked where it stands
+    marked = HintInfer(HintInferConfig(prefill_code_fence=True, hint_edit="mark")).process(
+        frame, context(tmp_path / "mark", ScriptedEngine(thinker))
+    )
+    (row,) = marked.iter_rows(named=True)
+    assert [h["edit"] for h in row["hints"]] == ["marked", "marked"]
+    for h in row["hints"]:
+        assert row["response"][h["position"] :].startswith(h["text"])
+    assert row["response"].startswith("2 + 3 is 6. Wait, ")
+
+
+def test_modify_step_strips_only_where_the_text_stays_coherent() -> None:
+    hint = CALC.after("Wait")
+    code = "```python\nprint(5)\n```\n```output\n5\n```\nThe answer is 5."
+    # mid-line, before its code: stripped, and the fence moves to a line of its own
+    text = f"It is 5. {hint}\n{code}"
+    edit = edit_hints(text, [(9, hint)], "strip")
+    assert edit.text == f"It is 5.\n\n{code}" and edit.edits == ("stripped",)
+    assert [b.tag for b in fenced_blocks(edit.text)] == ["python", "output"]
+    assert edit.text[edit.moved(text.index("```output")) :].startswith("```output")
+    assert edit.moved(9) == edit.text.index("```python") and edit.moved(3) == 3
+    # at the very start: nothing is left before the code
+    assert edit_hints(f"{hint}\n\n{code}", [(0, hint)], "strip").text == code
+    # answered in words before the code, or not beginning a sentence: it stays, marked
+    for text, at in (
+        (f"It is 5. {hint}\nSure, let me do that.\n{code}", 9),
+        (f"It is 5, {hint}\n{code}", 9),
+        (f"It is 5. {hint}\nThe answer is 5.", 9),
+    ):
+        edit = edit_hints(text, [(at, hint)], "strip")
+        assert (edit.text, edit.edits) == (text, ("marked",))
+    # `mark` never strips; a hint no longer found where recorded is never cut
+    text = f"It is 5. {hint}\n{code}"
+    assert edit_hints(text, [(9, hint)], "mark").edits == ("marked",)
+    assert edit_hints(text, [(8, hint)], "strip").text == text
 
 
 def test_repeated_insertion_for_n_rounds() -> None:
@@ -352,13 +566,14 @@ def test_cycle_hint_choice_walks_the_list() -> None:
     assert [h.hint_id for h in state.trajectories[0].hints] == [*ids, ids[0]]
 
 
-def test_resume_after_a_crash_continues_to_the_same_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("script", [solver, thinker], ids=["stop", "trigger-and-stop"])
+def test_resume_after_a_crash_continues_to_the_same_result(tmp_path: Path, script: Script) -> None:
     frame = problems_frame([(2, 3), (7, 8)])
-    clean_engine = ScriptedEngine(solver)
+    clean_engine = ScriptedEngine(script)
     clean = HintInfer(HintInferConfig(prefill_code_fence=True)).process(
         frame, context(tmp_path / "clean", clean_engine)
     )
-    crashing = ScriptedEngine(solver, fail_on_call=2)
+    crashing = ScriptedEngine(script, fail_on_call=2)
     ctx = context(tmp_path / "resumed", crashing)
     stage = HintInfer(HintInferConfig(prefill_code_fence=True))
     with pytest.raises(RuntimeError, match="engine died"):
@@ -367,7 +582,7 @@ def test_resume_after_a_crash_continues_to_the_same_result(tmp_path: Path) -> No
     assert saved["rounds"] == 2
     crashing.fail_on_call = None
     resumed = stage.process(frame, ctx)
-    assert len(crashing.calls) == 2 + 1  # only the third round was left to run
+    assert len(crashing.calls) == len(clean_engine.calls)  # the 2 saved rounds ran once
     assert resumed.drop("tool_calls").equals(clean.drop("tool_calls"))
 
 
@@ -437,10 +652,19 @@ def test_hint_rft_keeps_only_verified_tool_using_trajectories(tmp_path: Path) ->
     stats = ctx.extra_stats
     assert stats["problems"] == 6 and stats["kept"] == 2 and stats["hint_only_solved"] == 1
     assert stats["solved_without_hints"] == 2 and stats["verified"] == 5
-    assert stats["sandbox"] in ("namespace-unshare", "socket-denied-seccomp", "socket-denied-audit")
-    merged = HintInfer.merge_extra(HintInfer(), [stats, stats])
+    assert stats["verdicts"]["equal"] == 5
+    assert sum(stats["verdicts"].values()) == stats["trajectories"]
+    assert stats["sandbox"] in (
+        ["namespace-unshare"],
+        ["socket-denied-seccomp"],
+        ["socket-denied-audit"],
+    )
+    part = HintInferStats.from_dict(stats)
+    merged = HintInferStats.merge([part, part]).to_dict()
     assert merged["kept"] == 4 and merged["rounds"] == stats["rounds"]
     assert merged["hints"] == {"stop": 2 * stats["hints"]["stop"]}
+    assert merged["sandbox"] == stats["sandbox"]
+    assert merged["verdicts"] == {k: 2 * n for k, n in stats["verdicts"].items()}
     assert stats["calls"] == stats["rounds"] == len(engine.calls)
     # START's seed set: only problems greedy decoding got wrong
     only = HintInfer(HintInferConfig(prefill_code_fence=True, hint_only=True)).process(
@@ -541,8 +765,16 @@ def test_config_errors_are_clear() -> None:
         HintInferConfig(insert_at=("middle",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="samples > 1"):
         HintInferConfig(samples=2, temperature=0.0)
+    with pytest.raises(ValueError, match="trigger_position"):
+        HintInferConfig(trigger_position="middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hint_edit"):
+        HintInferConfig(hint_edit="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="trigger_hints"):
+        HintInferConfig(trigger_hints=-1)
+    with pytest.raises(ValueError, match="triggers"):
+        HintInferConfig(triggers=())
     with pytest.raises(RecipeError, match="insert_at"):
-        recipe_from_mapping(
+        Recipe.from_dict(
             {"input": {"rows": 1}, "stages": [{"hint_infer": {"insert_at": ["end"]}}]}, where="r"
         )
 
@@ -558,14 +790,37 @@ def test_engine_without_max_model_len_needs_config(tmp_path: Path) -> None:
     assert out[DROP_REASON].to_list() == [None]
 
 
+def test_a_weak_sandbox_needs_the_recipes_opt_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gristmill.sandbox import WeakIsolationError, probes
+
+    monkeypatch.setattr(probes, "isolation", lambda: "socket-denied-audit")
+    engine = ScriptedEngine(solver)
+    frame = problems_frame([(2, 3)])
+    with pytest.raises(WeakIsolationError, match=r"stage 'hint_infer'.*isolation: weak"):
+        HintInfer(HintInferConfig()).process(frame, context(tmp_path, engine))
+    assert engine.calls == []  # refused before any model time was spent
+    cfg = HintInferConfig(prefill_code_fence=True, isolation="weak")
+    with caplog.at_level("WARNING", logger="gristmill.sandbox"):
+        ctx = context(tmp_path / "weak", engine)
+        out = HintInfer(cfg).process(frame, ctx)
+    assert out[DROP_REASON].to_list() == [None]
+    assert ctx.extra_stats["sandbox"] == ["socket-denied-audit"]
+    assert "isolation: weak" in caplog.text
+    with pytest.raises(ValueError, match="isolation"):
+        HintInferConfig(isolation="none")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", ["start-math", "start-code"])
 def test_recipes_load_with_the_shared_engine(name: str) -> None:
-    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    recipe = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml")
     assert recipe.engine == EngineSpec()  # tests share the session's engine
     (entry,) = recipe.stages
-    assert entry.cls is HintInfer
+    assert type(entry) is HintInfer
     cfg = entry.config
     assert isinstance(cfg, HintInferConfig) and cfg.prefill_code_fence
+    assert cfg.insert_at == ("stop", "trigger") and cfg.hint_edit == "strip"
     if name == "start-code":
         assert recipe.input.path is not None and (ROOT / recipe.input.path).exists()
         frame = read_records(ROOT / recipe.input.path, mapping=dict(recipe.input.mapping))

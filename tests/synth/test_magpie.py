@@ -93,7 +93,7 @@ def context(tmp_path: Path, engine: Engine, seed: int = 0) -> StageContext:
         stage_index=0,
         seed=seed,
         run_dir=tmp_path,
-        engine_factory=lambda: engine,
+        engine_factory=lambda _name: engine,
     )
 
 
@@ -153,7 +153,7 @@ def test_record_columns_and_prompts(tmp_path: Path) -> None:
     (instr_prompts, instr), (resp_prompts, _) = engine.calls
     assert instr_prompts == [PRE_QUERY, PRE_QUERY]
     assert instr[0].stop[:3] == ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
-    assert "\n" not in instr[0].stop
+    assert instr[0].stop[-1] == "\n", "early stopping is on by default, as in the reference"
     row = out.row(0, named=True)
     question = f"Question {ctx.derive_seed(0, 1, 'instruction')}?"
     assert resp_prompts[0] == render_chat_template(
@@ -290,12 +290,13 @@ def test_multi_turn_without_followup_system_and_stopped_conversations(tmp_path: 
 
 def test_stop_at_newline_and_domain(tmp_path: Path) -> None:
     engine = FakeEngine()
-    Magpie(MagpieConfig(stop_at_newline=True, domain="math")).process(
-        seeds(1), context(tmp_path, engine)
-    )
+    Magpie(MagpieConfig(domain="math")).process(seeds(1), context(tmp_path, engine))
     (instr_prompts, instr), (resp_prompts, resp) = engine.calls
     assert instr[0].stop[-1] == "\n"
     assert "\n" not in resp[0].stop
+    multi_line = FakeEngine()
+    Magpie(MagpieConfig(stop_at_newline=False)).process(seeds(1), context(tmp_path, multi_line))
+    assert "\n" not in multi_line.calls[0][1][0].stop
     assert instr_prompts[0] == (
         f"<|im_start|>system\n{DOMAIN_SYSTEM_PROMPTS['math']}<|im_end|>\n<|im_start|>user\n"
     )

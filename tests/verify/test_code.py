@@ -15,6 +15,7 @@ from gristmill.verify.code import (
     humaneval_program,
     humaneval_reference,
     split_reference,
+    strict_tests,
 )
 
 DATA = Path(__file__).parent.parent / "data" / "humaneval_10.jsonl"
@@ -79,6 +80,87 @@ def test_exiting_before_the_tests_does_not_pass() -> None:
     cheat = "```python\n    return 0\n\nimport sys\nsys.exit(0)\n```"
     verdict = VERIFIER(cheat, _reference(problem))
     assert (verdict.correct, verdict.reason) == (False, "error")
+
+
+# --- attacks on the end-of-tests proof ---------------------------------------------------
+
+
+def test_a_marker_found_in_the_programs_own_source_does_not_pass() -> None:
+    # The old harness appended its end marker to the program's file: this found and printed it.
+    problem = PROBLEMS[2]
+    cheat = """```python
+    return 0
+
+import os, re, sys
+seen = open(__file__).read() + " ".join(sys.argv) + repr(dict(os.environ))
+seen += "".join(open(name, errors="replace").read() for name in os.listdir("."))
+for marker in re.findall(r"gristmill-tests-done-[0-9a-f]+|[0-9a-f]{32}", seen):
+    os.write(1, f"\\n{marker}\\n".encode())
+print("check(" in seen)
+os._exit(0)
+```"""
+    verdict = VERIFIER(cheat, _reference(problem))
+    assert (verdict.correct, verdict.reason) == (False, "error")
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "print('gristmill-tests-done-' + '0' * 32)\nimport sys\nsys.exit(0)",
+        "import os\nos._exit(0)",
+        "import sys\nsys.exit(0)",
+        "raise SystemExit(0)",
+        "import atexit, os\natexit.register(os._exit, 0)\nimport sys\nsys.exit(0)",
+    ],
+)
+def test_leaving_before_the_tests_end_does_not_pass(ending: str) -> None:
+    problem = PROBLEMS[2]
+    cheat = f"```python\n    return 0\n\n{ending}\n```"
+    verdict = VERIFIER(cheat, _reference(problem))
+    assert (verdict.correct, verdict.reason) == (False, "error")
+
+
+EQ_CHEATS = [
+    # always equal, for == True / == False and for numbers alike
+    "    class Yes:\n        def __eq__(self, other):\n            return True\n"
+    "        def __ne__(self, other):\n            return False\n    return Yes()\n",
+    # a float subclass with a rigged __eq__ and arithmetic
+    "    class Near(float):\n        def __eq__(self, other):\n            return True\n"
+    "        __hash__ = float.__hash__\n"
+    "        def __sub__(self, other):\n            return 0.0\n    return Near(0)\n",
+    # a list subclass that equals everything
+    "    class All(list):\n        def __eq__(self, other):\n            return True\n"
+    "    return All()\n",
+    # a metaclass that makes a class compare equal to everything, returned as the value
+    "    class Meta(type):\n        def __eq__(cls, other):\n            return True\n"
+    "        __hash__ = type.__hash__\n"
+    "    class Any(metaclass=Meta):\n        pass\n    return Any\n",
+]
+
+
+@pytest.mark.parametrize("index", [0, 2, 5])
+@pytest.mark.parametrize("body", EQ_CHEATS)
+def test_objects_that_fake_equality_do_not_pass(index: int, body: str) -> None:
+    problem = PROBLEMS[index]
+    verdict = VERIFIER(f"```python\n{body}```", _reference(problem))
+    assert not verdict.correct and verdict.reason == "error", verdict
+
+
+def test_strict_compare_can_be_turned_off_and_then_the_fake_passes() -> None:
+    # The documented limit of strict_compare=False: rigged comparisons pass again.
+    loose = CodeVerifier(timeout_s=5, strict_compare=False)
+    verdict = loose(f"```python\n{EQ_CHEATS[0]}```", _reference(PROBLEMS[0]))
+    assert verdict.correct
+
+
+def test_strict_compare_keeps_identity_checks_and_plain_values() -> None:
+    reference = "def check(c):\n    assert c() is None\n    assert [c()] == [None]\n"
+    tests = strict_tests(reference)
+    assert "assert c() is None" in tests
+    assert "__gristmill_plain__([c()]) == __gristmill_plain__([None])" in tests
+    verdict = VERIFIER("```python\ndef f():\n    return None\n```", reference + "check(f)\n")
+    assert verdict.correct, verdict
+    assert strict_tests("def broken(:\n") == "def broken(:\n"
 
 
 def test_no_code() -> None:

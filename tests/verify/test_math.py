@@ -45,6 +45,17 @@ SLOW = "9^{9^{9}}"
         ("The answer is $5 for each box.", "$5"),
         ("The answer is 5. Wait, no. The answer is 6.", "6"),
         ("Final Answer: The final answer is $2\\pi$. I hope it is correct.", "2\\pi"),
+        ("The final answer is $\\$18.90$.", "\\$18.90"),  # `\$` does not close the span
+        ("The answer is 14 + 3 = 17.", "17"),  # a calculation gives its result
+        ("So the final answer is 15 gallons * 8 pints / gallon = 120 pints", "120"),
+        ("The answer is $y = 2x + 3$.", "y = 2x + 3"),
+        ("We add 9 and 9, so 18 is the answer.", "18"),
+        ("so she has 13 + 3 = 16 books remaining, which is the answer.", "16"),
+        ("Hence $x = 5$ is our answer.", "5"),
+        ("The answer is 18 or 19.", "18 or 19"),  # the hedge stays visible
+        ("The answer is $18$ to $28$.", "18 to 28"),
+        ("The answer is 42 apples to share with 3 friends.", "42"),
+        ("The answer is <<6=6>>6.", "6"),  # GSM8K calculator notes are dropped
     ],
 )
 def test_extract_answer(text: str, expected: str) -> None:
@@ -128,6 +139,64 @@ def test_equal(a: str, b: str) -> None:
 def test_not_equal(a: str, b: str) -> None:
     assert not answers_equal(a, b)
     assert verify_math(f"\\boxed{{{a}}}", b).reason == "not_equal"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "equal"),
+    [
+        ("52_8", "42", True),
+        ("52_{8}", "52_8", True),
+        ("101_2", "5", True),
+        ("1A_{16}", "26", True),
+        ("52_{10}", "52", True),
+        ("52", "52_8", False),  # a bare number is base 10
+        ("52_8", "52_9", False),
+        ("19_8", "19", False),  # 9 is no base-8 digit
+        ("\\sqrt{1764}", "52_8", True),  # math-verify sees 42
+    ],
+)
+def test_base_subscripts(a: str, b: str, equal: bool) -> None:
+    assert answers_equal(a, b) is equal
+
+
+def test_hedged_answers_are_not_equal() -> None:
+    """`answers_equal` (which CLEAR uses too) refuses a hedge math-verify would credit."""
+    assert not answers_equal("\\frac{1}{2} \\text{ to } \\frac{3}{4}", "\\frac{1}{2}")
+    assert not answers_equal("18 \\text{ or more}", "18")
+    assert not answers_equal("18 plus 1", "18")
+    assert answers_equal("1 \\pm \\sqrt{19}", "1 \\pm \\sqrt{19}")  # the reference's own form
+    assert answers_equal("\\{1, 2\\}", "\\{2, 1\\}")
+    assert verify_math("\\boxed{18 or 19}", "18").reason == "ambiguous"
+    # "1/7919" sits on no honest row: the hedge is what makes these fail
+    assert verify_math("\\boxed{1/7919} or \\boxed{18}", "18").reason == "ambiguous"
+
+
+def test_last_number_fallback_sees_hedges() -> None:
+    assert verify_math("so it is 18", "18", allow_last_number=True).correct
+    verdict = verify_math("so it is 17 or 18", "18", allow_last_number=True)
+    assert verdict == Verdict(correct=False, extracted="18", reason="ambiguous")
+
+
+def test_compare_units_option() -> None:
+    """Units are ignored by default; `compare_units` compares them when both sides have one."""
+    response, reference = "\\boxed{864 inches^3}", "864 \\mbox{ inches}^2"
+    assert verify_math(response, reference).correct
+    assert verify_math(response, reference, compare_units=True) == Verdict(
+        correct=False, extracted="864 inches^3", reason="wrong_unit"
+    )
+    strict = MathVerifier(compare_units=True)
+    assert strict("\\boxed{864 \\text{ inches}^2}", reference).correct  # same unit
+    assert strict("\\boxed{5 inch}", "5 inches").correct  # plural -s
+    assert strict("\\boxed{5 feet}", "5 foot").correct
+    assert strict("\\boxed{5}", "5 cm").correct  # one side without a unit: numbers only
+    assert strict("The answer is $5.", "5 dollars").correct  # a currency sign is no unit
+    assert strict("\\boxed{5 cm}", "5 m").reason == "wrong_unit"
+    assert strict("\\boxed{5 cm}", "5 centimeters").reason == "wrong_unit"  # as written
+    assert not answers_equal("5 cm", "5 m", compare_units=True)
+    assert answers_equal("5 cm", "5 m")
+    assert get_verifier("math", compare_units=True) == strict
+    with pytest.raises(TypeError, match="compare_units"):
+        MathVerifier(compare_units="yes")  # type: ignore[arg-type]
 
 
 def test_tolerance_is_configurable() -> None:
