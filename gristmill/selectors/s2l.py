@@ -24,7 +24,8 @@ selects again without retraining.
 Where we differ from the reference, on purpose: the proxy is the bundled SmolLM2, optionally
 cut to its first `layers` decoder layers so CPU training is practical (any HF causal LM
 works, on GPU too); the chat template renders the examples (prompt = every turn before the
-last assistant turn, with the generation prompt); training is a plain seeded AdamW loop;
+last assistant turn, with the generation prompt); training is a plain seeded AdamW loop
+with the reference's schedule (warm-up, cosine decay, accumulated micro-batches);
 k-means and the in-cluster draws are seeded; a prompt too long for `max_length` loses its
 beginning rather than the response; every source is clustered (the reference skips sources
 it takes whole) so each output row carries its `cluster`.
@@ -41,24 +42,26 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import polars as pl
-import torch
 from tqdm import tqdm
 
 from gristmill.atomic import atomic_path
 from gristmill.engines.models import DEFAULT_MODEL, resolve_model
-from gristmill.pipelines.stage import GlobalStage, StageConfig, StageContext, fingerprint
+from gristmill.pipelines.stage import Select, StageConfig, StageContext, fingerprint
 from gristmill.selectors import check_budget, resolve_budget
-from gristmill.selectors.baselines import in_input_order
 from gristmill.selectors.kmeans import train_kmeans
+
+if TYPE_CHECKING:  # torch is imported where it is used, so importing s2l stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
 #: Bump when training or the file layout changes, so old trajectories are not reused.
-TRAJECTORY_VERSION = 1
+#: 2: the reference's schedule (warm-up + cosine, gradient accumulation, weight decay).
+TRAJECTORY_VERSION = 2
 IGNORE = -100
 MAX_GRAD_NORM = 1.0
 
@@ -180,6 +183,8 @@ def tokenize_examples(
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask, and labels with prompt and padding masked."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -206,6 +211,8 @@ def response_losses(
     the positions that predict a response token, skipping the vocabulary-wide logits of
     the masked prompt; the result is the same as the full forward pass.
     """
+    import torch
+
     target = batch["labels"][:, 1:]
     keep = target != IGNORE
     if heads_on_responses is None:
@@ -248,6 +255,8 @@ class Proxy:
 
 def resolve_device(device: str) -> str:
     """'auto' → 'cuda' when a GPU is visible, else 'cpu'; other names are checked."""
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -257,6 +266,8 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """'auto' → bfloat16 on a GPU that supports it, float32 otherwise."""
+    import torch
+
     if dtype != "auto":
         return dtype
     if device == "cuda" and torch.cuda.is_bf16_supported():
@@ -279,6 +290,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def load_proxy(model: str, *, layers: int | None, device: str, dtype: str) -> Proxy:
     """Load a causal LM (the bundled SmolLM2 by default), keeping its first `layers` layers."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(model)
@@ -306,15 +318,62 @@ def load_proxy(model: str, *, layers: int | None, device: str, dtype: str) -> Pr
 # ---- training and trajectories ----------------------------------------------------------
 
 
+Schedule = Literal["cosine", "constant"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
     """What determines the trajectories (and so enters their key)."""
 
     epochs: int
     lr: float
+    #: Rows per optimizer step, run as `batch_size / micro_batch_size` accumulated passes.
     batch_size: int
+    micro_batch_size: int
+    warmup_ratio: float
+    schedule: Schedule
+    weight_decay: float
     checkpoints: int
     seed: int
+
+    def steps_per_epoch(self, rows: int) -> int:
+        """Optimizer steps in one pass over `rows` examples (the last batch may be short)."""
+        return math.ceil(rows / self.batch_size)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Linear warm-up length, rounded up as Hugging Face's Trainer does."""
+        return math.ceil(self.warmup_ratio * total_steps)
+
+    def describe(self, total_steps: int) -> dict[str, Any]:
+        """The schedule as recorded in the trajectories' sidecar."""
+        return {
+            "name": self.schedule,
+            "lr": self.lr,
+            "warmup_ratio": self.warmup_ratio,
+            "warmup_steps": self.warmup_steps(total_steps),
+            "weight_decay": self.weight_decay,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "total_steps": total_steps,
+            "optimizer": "AdamW",
+            "max_grad_norm": MAX_GRAD_NORM,
+        }
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Schedule) -> float:
+    """Multiplier of the base lr for optimizer step `step` (0-based).
+
+    Linear warm-up from 0 over `warmup_steps`, then constant or a half cosine down to 0 at
+    `total_steps`: the same curve as transformers' `get_cosine_schedule_with_warmup`
+    (which the reference's Trainer uses), so the first step of a warm-up runs at lr 0.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 @dataclass(frozen=True)
@@ -343,6 +402,8 @@ def evaluate_losses(
     proxy: Proxy, examples: Sequence[Example], batch_size: int, *, progress: bool
 ) -> np.ndarray:
     """Mean response-token loss of every example, batched by length (no gradients)."""
+    import torch
+
     pad = _pad_id(proxy.tokenizer)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out = np.zeros(len(examples), dtype=np.float64)
@@ -362,14 +423,21 @@ def train_trajectories(
     proxy: Proxy, examples: Sequence[Example], settings: TrainSettings, *, progress: bool
 ) -> TrainResult:
     """Fine-tune the proxy on every example; record all losses at each checkpoint step."""
+    import torch
+
     n = len(examples)
-    per_epoch = math.ceil(n / settings.batch_size)
-    total = settings.epochs * per_epoch
+    total = settings.epochs * settings.steps_per_epoch(n)
     steps = checkpoint_steps(total, settings.checkpoints)
+    warmup = settings.warmup_steps(total)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     pad = _pad_id(proxy.tokenizer)
-    optimizer = torch.optim.AdamW(proxy.model.parameters(), lr=settings.lr)
+    optimizer = torch.optim.AdamW(
+        proxy.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, settings.schedule)
+    )
     losses = np.zeros((n, len(steps)), dtype=np.float64)
     train_seconds = eval_seconds = 0.0
     tokens = step = 0
@@ -379,25 +447,32 @@ def train_trajectories(
         for start in range(0, n, settings.batch_size):
             began = time.perf_counter()
             proxy.model.train()
-            batch = _to(
-                collate([examples[i] for i in order[start : start + settings.batch_size]], pad),
-                proxy.device,
-            )
-            sums, counts = response_losses(proxy.model, batch)
-            loss = sums.sum() / counts.sum()
-            loss.backward()
+            rows = order[start : start + settings.batch_size]
+            micro = [
+                collate([examples[i] for i in rows[m : m + settings.micro_batch_size]], pad)
+                for m in range(0, len(rows), settings.micro_batch_size)
+            ]
+            # the token mean over the whole batch, however it is split into micro-batches
+            targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+            loss_sum = 0.0
+            for part in micro:
+                batch = _to(part, proxy.device)
+                sums, _ = response_losses(proxy.model, batch)
+                (sums.sum() / targets).backward()
+                loss_sum += float(sums.sum().detach())
+                tokens += int(part["attention_mask"].sum())
             torch.nn.utils.clip_grad_norm_(proxy.model.parameters(), MAX_GRAD_NORM)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
             step += 1
             train_seconds += time.perf_counter() - began
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_sum / targets:.3f}")
             if step in steps:
                 began = time.perf_counter()
                 losses[:, steps.index(step)] = evaluate_losses(
-                    proxy, examples, settings.batch_size, progress=progress
+                    proxy, examples, settings.micro_batch_size, progress=progress
                 )
                 eval_seconds += time.perf_counter() - began
     bar.close()
@@ -479,13 +554,24 @@ class S2LConfig(StageConfig):
     model: str = DEFAULT_MODEL
     #: Keep only the first N decoder layers (None: all), to make CPU training practical.
     layers: int | None = None
-    epochs: int = 1
-    lr: float = 1e-4
-    batch_size: int = 8
+    #: Training as the reference's proxy runs (configs/pythia-70m-deduped_checkpoints.yml):
+    #: 3 epochs, lr 2e-5 with 3% linear warm-up then cosine decay, AdamW without weight
+    #: decay, 32 rows per optimizer step (here in micro-batches of 8).
+    epochs: int = 3
+    lr: float = 2e-5
+    #: Rows per optimizer step.
+    batch_size: int = 32
+    #: Rows per forward pass; gradients accumulate over `batch_size / micro_batch_size`.
+    micro_batch_size: int = 8
+    #: Fraction of all optimizer steps spent warming the lr up from 0 (rounded up).
+    warmup_ratio: float = 0.03
+    #: After warm-up: "cosine" decay to 0 at the last step, or "constant".
+    schedule: Schedule = "cosine"
+    weight_decay: float = 0.0
     #: Tokens per example (prompt + response); longer prompts lose their beginning.
     max_length: int = 512
-    #: T: loss checkpoints spread evenly over training (the last at the end).
-    checkpoints: int = 5
+    #: T: loss checkpoints spread evenly over all epochs of training (the last at the end).
+    checkpoints: int = 12
     #: Clusters per source (capped by the source's rows).
     k: int = 100
     #: Clusters of at most this many rows only fill what the others cannot (reference: 2).
@@ -508,9 +594,20 @@ class S2LConfig(StageConfig):
             raise ValueError(f"{where}: model must be a non-empty string, got {self.model!r}")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"{where}: layers must be >= 1 or null, got {self.layers}")
-        for name in ("epochs", "batch_size", "checkpoints", "k", "niter"):
+        for name in ("epochs", "batch_size", "micro_batch_size", "checkpoints", "k", "niter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"{where}: micro_batch_size ({self.micro_batch_size}) must be <= batch_size "
+                f"({self.batch_size})"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{where}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"{where}: schedule must be cosine or constant, got {self.schedule!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_length < 2:
             raise ValueError(f"{where}: max_length must be >= 2, got {self.max_length}")
         if not self.lr > 0:
@@ -525,11 +622,18 @@ class S2LConfig(StageConfig):
             )
 
 
-class S2LSelect(GlobalStage):
-    """S2L: cluster proxy-model loss trajectories, water-fill the budget, draw uniformly."""
+class S2LSelect(Select):
+    """S2L: clusters of small-model loss trajectories, budget water-filled over sources and
+    clusters."""
 
     name: ClassVar[str] = "s2l"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
+    kind: ClassVar[str] = "selector"
+    citation: ClassVar[str | None] = (
+        "Yang et al., 2024. SmallToLarge (S2L): Scalable Data Selection for Fine-tuning "
+        "Large Language Models by Summarizing Training Trajectories of Small Models. "
+        "arXiv:2403.07384"
+    )
     Config: ClassVar[type[StageConfig]] = S2LConfig
     config: S2LConfig
 
@@ -542,20 +646,19 @@ class S2LSelect(GlobalStage):
     def produces(self) -> tuple[str, ...]:
         return ("cluster", "s2l_loss")
 
-    def select(self, data: pl.LazyFrame, ctx: StageContext) -> pl.LazyFrame:
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Get (or reuse) the trajectories, cluster per source, water-fill, draw."""
         cfg = self.config
-        frame = in_input_order(data.collect())
-        n = frame.height
+        n = data.height
         if n == 0:
-            return frame.with_columns(
+            return data.with_columns(
                 pl.lit(None, dtype=pl.Int64).alias("cluster"),
                 pl.lit(None, dtype=pl.Float64).alias("s2l_loss"),
-            ).lazy()
-        ids = [str(x) for x in frame.get_column("id").to_list()]
-        sources = self._sources(frame)
+            )
+        ids = [str(x) for x in data.get_column("id").to_list()]
+        sources = self._sources(data)
         seed = cfg.seed if cfg.seed is not None else ctx.derive_seed("s2l")
-        traj, reused = self._trajectories(frame, ids, sources, seed, ctx)
+        traj, reused = self._trajectories(data, ids, sources, seed, ctx)
         budget = resolve_budget(cfg.budget, n)
 
         names = sorted(set(sources))
@@ -607,11 +710,11 @@ class S2LSelect(GlobalStage):
                 "sources": per_source,
             }
         )
-        out = frame.with_columns(
+        out = data.with_columns(
             pl.Series("cluster", labels, dtype=pl.Int64),
             pl.Series("s2l_loss", traj.losses[:, -1], dtype=pl.Float64),
         )
-        return out[chosen].lazy()
+        return out[chosen]
 
     def _sources(self, frame: pl.DataFrame) -> list[str]:
         field = self.config.source_field
@@ -643,6 +746,10 @@ class S2LSelect(GlobalStage):
             epochs=cfg.epochs,
             lr=cfg.lr,
             batch_size=cfg.batch_size,
+            micro_batch_size=cfg.micro_batch_size,
+            warmup_ratio=cfg.warmup_ratio,
+            schedule=cfg.schedule,
+            weight_decay=cfg.weight_decay,
             checkpoints=cfg.checkpoints,
             seed=seed,
         )
@@ -692,6 +799,7 @@ class S2LSelect(GlobalStage):
             "epochs": cfg.epochs,
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
+            "schedule": settings.describe(result.total_steps),
             "max_length": cfg.max_length,
             "seed": seed,
             "truncated_rows": truncated,

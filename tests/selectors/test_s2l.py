@@ -1,11 +1,13 @@
 """S2L: water-filling, proxy trajectories (shape, reuse), exact budgets, sources, determinism.
 
 The proxy is the bundled SmolLM2 cut to its first 2 layers, trained for one epoch on at most
-80 real AlpacaFarm rows, so every training run here takes seconds on a CPU.
+80 real AlpacaFarm rows (the reference's cosine schedule and warm-up, a higher lr, and two
+accumulated micro-batches per step), so every training run here takes seconds on a CPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +17,22 @@ import numpy as np
 import polars as pl
 import pytest
 
-from gristmill.pipelines.checkpoint import SUCCESS
+from gristmill.pipelines.layout import SUCCESS
 from gristmill.pipelines.pipeline import Pipeline
-from gristmill.pipelines.recipe import recipe_from_mapping
+from gristmill.pipelines.recipe import Recipe
 from gristmill.pipelines.stage import ROW_COLUMN, StageContext
 from gristmill.records import make_record, records_frame
 from gristmill.selectors import s2l
 from gristmill.selectors.s2l import (
     S2LConfig,
     S2LSelect,
+    TrainSettings,
     checkpoint_steps,
     collate,
     conversation_parts,
     draw_from_clusters,
     load_proxy,
+    lr_factor,
     response_losses,
     spread_over_clusters,
     tokenize_examples,
@@ -41,6 +45,7 @@ PROXY: dict[str, Any] = {
     "max_length": 192,
     "epochs": 1,
     "batch_size": 8,
+    "micro_batch_size": 4,
     "lr": 5e-4,
     "checkpoints": 3,
     "device": "cpu",
@@ -58,7 +63,7 @@ def ctx(run_dir: Path, seed: int = 0) -> StageContext:
 
 def run(frame: pl.DataFrame, context: StageContext, **config: Any) -> pl.DataFrame:
     stage = S2LSelect(S2LConfig(**{**PROXY, "k": 10, "seed": 1, **config}))
-    return stage.select(frame.lazy().with_row_index(ROW_COLUMN), context).collect()
+    return stage.select(frame.with_row_index(ROW_COLUMN), context)
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,36 @@ def test_checkpoint_steps_spread_to_the_end() -> None:
         checkpoint_steps(2, 3)
 
 
+def test_defaults_are_the_reference_proxy_training() -> None:
+    """BigML-CS-UCLA/S2L configs/pythia-70m-deduped_checkpoints.yml: 3 epochs, lr 2e-5,
+    cosine with 3% warm-up, no weight decay, batch 32, checkpoints over all of training."""
+    cfg = S2LConfig()
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.micro_batch_size) == (3, 2e-5, 32, 8)
+    assert (cfg.schedule, cfg.warmup_ratio, cfg.weight_decay) == ("cosine", 0.03, 0.0)
+    assert cfg.checkpoints == 12
+    # 1,000 rows: 32 steps an epoch, 96 in all; 12 checkpoints reach into every epoch
+    settings = TrainSettings(
+        epochs=3, lr=2e-5, batch_size=32, micro_batch_size=8, warmup_ratio=0.03,
+        schedule="cosine", weight_decay=0.0, checkpoints=12, seed=0,
+    )  # fmt: skip
+    total = settings.epochs * settings.steps_per_epoch(1000)
+    steps = checkpoint_steps(total, 12)
+    assert total == 96 and steps == list(range(8, 97, 8))
+    assert [sum(1 for s in steps if e * 32 < s <= (e + 1) * 32) for e in range(3)] == [4, 4, 4]
+    assert settings.warmup_steps(total) == 3  # ceil(0.03 * 96), as the HF Trainer rounds
+
+
+def test_lr_warms_up_linearly_then_follows_a_half_cosine_to_zero() -> None:
+    assert [lr_factor(s, 100, 4, "cosine") for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(52, 100, 4, "cosine") == pytest.approx(0.5)  # half-way after warm-up
+    assert lr_factor(100, 100, 4, "cosine") == pytest.approx(0.0)
+    curve = [lr_factor(s, 100, 4, "cosine") for s in range(4, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(curve))  # decays monotonically
+    assert lr_factor(2, 100, 4, "constant") == 0.5
+    assert lr_factor(90, 100, 4, "constant") == 1.0
+    assert lr_factor(0, 10, 0, "cosine") == 1.0  # no warm-up: the first step at the full lr
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -156,6 +191,12 @@ def test_checkpoint_steps_spread_to_the_end() -> None:
         ({"checkpoints": 0}, "checkpoints"),
         ({"k": 0}, "k must be"),
         ({"lr": 0.0}, "lr"),
+        ({"micro_batch_size": 0}, "micro_batch_size"),
+        ({"batch_size": 4, "micro_batch_size": 8}, "micro_batch_size"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"warmup_ratio": -0.1}, "warmup_ratio"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"weight_decay": -1.0}, "weight_decay"),
         ({"max_length": 1}, "max_length"),
         ({"device": "tpu"}, "device"),
         ({"dtype": "int8"}, "dtype"),
@@ -221,6 +262,11 @@ def test_trajectories_have_the_right_shape_and_fall(trained: Trained, pool: pl.D
     assert (losses[:, 2] < losses[:, 0]).mean() > 0.8
     meta = json.loads(table.with_suffix(".json").read_text())
     assert meta["checkpoint_steps"] == [3, 5, 8] and meta["total_steps"] == 8
+    assert meta["schedule"] == {
+        "name": "cosine", "lr": 5e-4, "warmup_ratio": 0.03, "warmup_steps": 1,
+        "weight_decay": 0.0, "epochs": 1, "batch_size": 8, "micro_batch_size": 4,
+        "total_steps": 8, "optimizer": "AdamW", "max_grad_norm": 1.0,
+    }  # fmt: skip
     assert meta["layers"] == 2 and meta["total_layers"] == 30
     assert meta["train_tokens"] > ROWS * 40 and meta["tokens_per_s"] > 0
     assert meta["train_seconds"] > 0 and stats["tokens_per_s"] == meta["tokens_per_s"]
@@ -279,12 +325,36 @@ def test_two_sources_are_water_filled(trained: Trained, pool: pl.DataFrame) -> N
     assert single.height == 25 and single.get_column("cluster").max() < 8
 
 
+def test_micro_batches_accumulate_to_the_same_step_as_one_batch(pool: pl.DataFrame) -> None:
+    """8 rows in one pass or in four accumulated passes of 2: the same update, the same
+    losses (the batch's token mean, not a mean of micro-batch means)."""
+    rows = pool.head(8)
+    ids = rows.get_column("id").to_list()
+    pairs = [
+        conversation_parts(m, where=i)
+        for m, i in zip(rows.get_column("messages").to_list(), ids, strict=True)
+    ]
+    losses = []
+    for micro in (8, 2):
+        proxy = load_proxy("smollm2-135m-instruct", layers=2, device="cpu", dtype="float32")
+        examples, _ = tokenize_examples(proxy.tokenizer, pairs, ids, max_length=128)
+        settings = TrainSettings(
+            epochs=2, lr=1e-3, batch_size=8, micro_batch_size=micro, warmup_ratio=0.0,
+            schedule="constant", weight_decay=0.0, checkpoints=2, seed=0,
+        )  # fmt: skip
+        result = s2l.train_trajectories(proxy, examples, settings, progress=False)
+        assert result.steps == [1, 2]
+        losses.append(result.losses)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-4)
+    assert (losses[0][:, 1] < losses[0][:, 0]).mean() > 0.8  # the steps did train
+
+
 def test_same_seed_same_trajectories_and_picks(pool: pl.DataFrame, tmp_path: Path) -> None:
     few = pool.head(12)  # 3 optimizer steps of 4 rows, one checkpoint after each
     outs, tables = [], []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         context = ctx(tmp_path / name)
-        outs.append(run(few, context, budget=5, seed=seed, k=3, batch_size=4))
+        outs.append(run(few, context, budget=5, seed=seed, k=3, batch_size=4, micro_batch_size=2))
         assert context.extra_stats["reused"] is False
         tables.append(pl.read_parquet(context.extra_stats["trajectories"]))
     assert tables[0].equals(tables[1])
@@ -315,7 +385,7 @@ def test_rerun_with_another_budget_in_a_pipeline(tmp_path: Path) -> None:
     summaries = []
     for budget in (10, 0.25):
         pipe = Pipeline(
-            recipe_from_mapping(recipe(budget), where="test"), run_dir, show_progress=False
+            Recipe.from_dict(recipe(budget), where="test"), run_dir, show_progress=False
         )
         dataset = pipe.run()
         frame = pl.read_parquet(sorted((dataset / "data").glob("*.parquet")))
