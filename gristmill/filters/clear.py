@@ -5,12 +5,13 @@ Fine-Tuning"), whose confidence estimate is BSDetector's (Chen & Mueller 2023,
 "Quantifying Uncertainty in Answers from any Language Model"):
 
 - Observed consistency O: the model samples `samples` answers to the prompt (temperature
-  1.0); each sample i agrees with the given response by
-  `o_i = α·s_i + (1-α)·r_i`, where s_i is semantic agreement (cosine of the run's
-  embeddings, clipped to [0, 1]; or, with `nli_model`, 1 - P(contradiction) averaged over
-  both directions) and r_i is 1 when the sample's extracted final answer equals the
-  response's (`gristmill.verify.math`). When no answer can be extracted from the response,
-  `o_i = s_i`. O is the mean over samples; α = 0.8.
+  1.0); each sample i agrees with the given response by `o_i = α·s_i + (1-α)·r_i`, O is
+  the mean over samples, α = 0.8. s_i is agreement judged with contradiction in mind
+  (`gristmill.filters.agreement`): the math checker where both state a final answer,
+  else the run's engine asked whether the two agree (P(yes), both orders); an NLI model or
+  embedding cosine on request. r_i is BSDetector's indicator: 1 when the sample's final
+  answer equals the response's (`gristmill.verify.math`), or, when the response states
+  none, when the two texts are the same; so O stays on BSDetector's scale for free text.
 - Self-reflection S: the model is asked whether the response is "(A) Correct (B) Incorrect
   (C) I am not sure" and the three replies are scored 1 / 0 / 0.5. We read the options'
   probabilities by teacher forcing (prompt log-probs of the reply "A", "B" and "C",
@@ -19,11 +20,15 @@ Fine-Tuning"), whose confidence estimate is BSDetector's (Chen & Mueller 2023,
 - Confidence C = β·O + (1-β)·S with β = 0.7, written as `score__clear`, with O in
   `clear_observed` and S in `clear_reflection`.
 
-Auto-correct (`auto_correct: true`): the model's own greedy answer gets a confidence the
-same way (against the same samples). When it reaches `correct_new_min`, the original's is
-below `correct_original_max`, and an LLM-judge comparison (both orders, to cancel position
-bias; probabilities read as for S) prefers the new answer with probability at least
-`correct_judge_min`, the response is replaced. A corrected record is a new record: its
+Auto-correct (`auto_correct: true`): a candidate answer gets a confidence with the same
+measure (C = βO + (1-β)S, O against the samples; a sample that is the candidate is left
+out of its own O). When it reaches `correct_new_min`, the current response's is below
+`correct_original_max`, and an LLM-judge comparison (both orders, to cancel position bias;
+probabilities read as for S) prefers the candidate with probability at least
+`correct_judge_min`, the response is replaced. Candidates, one per row and round: the
+model's greedy answer first, then its samples, most agreed-upon final answer first. Rounds
+repeat, up to `correct_rounds`, for the rows still below `correct_original_max` that have
+a candidate left, so they stop once nothing more can change. A corrected record is a new record: its
 `id` is recomputed from the new conversation, `parent_id` points to the original's id,
 `model` names the engine's model, and the original is appended to the `history` column
 (list of {id, response, reason, score}); `score__clear`, O and S are the new answer's.
@@ -38,27 +43,36 @@ unset and follow `clear` with the `topk` selector on `score__clear`.
 
 Samples are seeded from the run seed and the rendered prompt, so rows that share a prompt
 (candidates of one instruction) share their samples, and the output does not depend on how
-rows are split into parts. Per batch, the model is called once per kind: one `generate`
-call (samples and greedy answers), one prompt-log-probs call for the reflections, one for
-the judge.
+rows are split into parts. Per batch and round, the model is called once per kind: one
+`generate` call (samples and greedy answers, first round only), one prompt-log-probs call
+for the agreement questions (where the checker could not decide), one for the
+reflections, one for the judge.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
 
 from gristmill.engines.base import Message, Messages, Sampling
+from gristmill.filters.agreement import (
+    AgreementMode,
+    AnswerMatch,
+    checker_agreement,
+    contradiction_agreement,
+    embedding_agreement,
+    final_answer,
+    get_nli,
+)
+from gristmill.filters.options import option_probabilities
 from gristmill.pipelines.stage import LLMConfig, Map, MeteredEngine, StageConfig, StageContext
 from gristmill.records import DROP_REASON, record_id, score_column
-from gristmill.selectors.grape import LogprobEngine, score_responses, split_conversation
-from gristmill.verify.math import answers_equal, extract_answer
+from gristmill.selectors.grape import LogprobEngine, split_conversation
 
 SCORE = score_column("clear")
 OBSERVED = "clear_observed"
@@ -88,28 +102,8 @@ JUDGE_PROMPT = (
     "Reply with one digit: 1 or 2."
 )
 
-AnswerMatch = Literal["off", "strict", "last_number"]
-
 
 # ---- pieces of the confidence -------------------------------------------------------------
-
-
-def option_probabilities(
-    engine: LogprobEngine, prompts: Sequence[Messages], options: Sequence[str]
-) -> np.ndarray:
-    """P(reply = option | prompt), normalised over `options`, by teacher forcing: one
-    prompt-log-probs call for every (prompt, option) text. Shape (len(prompts), len(options))."""
-    if not prompts:
-        return np.zeros((0, len(options)))
-    flat_prompts = [p for p in prompts for _ in options]
-    flat_options = [o for _ in prompts for o in options]
-    scored = score_responses(
-        engine, flat_prompts, flat_options, normalize=False, batch_size=len(flat_options)
-    )
-    logp = np.array([s.score for s in scored]).reshape(len(prompts), len(options))
-    logp -= logp.max(axis=1, keepdims=True)
-    probs = np.exp(logp)
-    return np.asarray(probs / probs.sum(axis=1, keepdims=True))
 
 
 def reflection_prompt(question: str, answer: str) -> list[Message]:
@@ -126,100 +120,21 @@ def reflection_scores(
     return np.asarray(probs @ np.array([s for _, s in REFLECTION_OPTIONS]))
 
 
-def answer_matches(answer: str, samples: Sequence[str], mode: AnswerMatch) -> np.ndarray | None:
-    """r_i per sample (1.0 when its final answer equals `answer`'s), or None when `answer`
-    states no extractable answer (or matching is off)."""
-    if mode == "off":
-        return None
-    last = mode == "last_number"
-    target = extract_answer(answer, allow_last_number=last)
+def answer_matches(answer: str, samples: Sequence[str], mode: AnswerMatch) -> np.ndarray:
+    """BSDetector's r_i per sample: 1.0 when its final answer equals `answer`'s; when
+    `answer` states none (or matching is off), 1.0 only for the same text."""
+    target = final_answer(answer, mode)
     if target is None:
-        return None
-    found = [extract_answer(s, allow_last_number=last) for s in samples]
-    return np.array([float(a is not None and answers_equal(a, target)) for a in found])
+        same = _norm(answer)
+        return np.array([float(_norm(s) == same) for s in samples])
+    return np.array([checker_agreement(target, final_answer(s, mode)) or 0.0 for s in samples])
 
 
-def observed_consistency(semantic: np.ndarray, matches: np.ndarray | None, alpha: float) -> float:
-    """O = mean_i of α·s_i + (1-α)·r_i (just s_i where no answer could be matched)."""
+def observed_consistency(semantic: np.ndarray, matches: np.ndarray, alpha: float) -> float:
+    """O = mean_i of α·s_i + (1-α)·r_i."""
     if len(semantic) == 0:
         return 0.0
-    per_sample = semantic if matches is None else alpha * semantic + (1 - alpha) * matches
-    return float(np.mean(per_sample))
-
-
-def embedding_agreement(
-    vectors: np.ndarray, answer_rows: Sequence[int], sample_rows: Sequence[Sequence[int]]
-) -> list[np.ndarray]:
-    """Cosine between each answer's unit vector and its samples', clipped to [0, 1]."""
-    return [
-        np.clip(vectors[list(rows)] @ vectors[a], 0.0, 1.0)
-        for a, rows in zip(answer_rows, sample_rows, strict=True)
-    ]
-
-
-class NliScorer:
-    """A local or hub NLI cross-encoder (transformers sequence classification) that gives
-    1 - P(contradiction) for text pairs, averaged over both directions."""
-
-    def __init__(self, model: str, *, batch_size: int = 32) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.model_id = model
-        self.batch_size = batch_size
-        self._torch = torch
-        self._tokenizer: Any = AutoTokenizer.from_pretrained(model)
-        self._model: Any = AutoModelForSequenceClassification.from_pretrained(model)
-        self._model.eval()
-        labels = {int(k): str(v).lower() for k, v in self._model.config.id2label.items()}
-        hits = [k for k, v in labels.items() if v.startswith("contradict")]
-        if len(hits) != 1:
-            raise ValueError(
-                f"NLI model {model!r} must have one 'contradiction' label, has {labels}"
-            )
-        self.contradiction = hits[0]
-        self._lock = threading.Lock()
-
-    def contradiction_probs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """P(contradiction) of each (premise, hypothesis) pair."""
-        out: list[np.ndarray] = []
-        with self._lock, self._torch.no_grad():
-            for start in range(0, len(pairs), self.batch_size):
-                chunk = pairs[start : start + self.batch_size]
-                enc = self._tokenizer(
-                    [p for p, _ in chunk],
-                    [h for _, h in chunk],
-                    padding=True,
-                    truncation=True,
-                    return_tensors="pt",
-                )
-                logits = self._model(**enc).logits.float()
-                probs = self._torch.softmax(logits, dim=-1)[:, self.contradiction]
-                out.append(probs.numpy().astype(np.float64))
-        return np.concatenate(out) if out else np.zeros(0)
-
-    def agreement(
-        self, answers: Sequence[str], samples: Sequence[Sequence[str]]
-    ) -> list[np.ndarray]:
-        """s_i = 1 - (P(contra | answer, sample_i) + P(contra | sample_i, answer)) / 2."""
-        pairs = [(a, s) for a, group in zip(answers, samples, strict=True) for s in group]
-        forward = self.contradiction_probs(pairs)
-        backward = self.contradiction_probs([(s, a) for a, s in pairs])
-        agree = 1.0 - (forward + backward) / 2.0
-        bounds = np.cumsum([0, *(len(g) for g in samples)])
-        return [agree[bounds[i] : bounds[i + 1]] for i in range(len(samples))]
-
-
-_NLI: dict[str, NliScorer] = {}
-_NLI_LOCK = threading.Lock()
-
-
-def get_nli(model: str) -> NliScorer:
-    """One NLI scorer per model per process, loaded on first use."""
-    with _NLI_LOCK:
-        if model not in _NLI:
-            _NLI[model] = NliScorer(model)
-        return _NLI[model]
+    return float(np.mean(alpha * semantic + (1 - alpha) * matches))
 
 
 def question_text(before: Sequence[Message]) -> str:
@@ -250,8 +165,11 @@ class ClearConfig(LLMConfig):
     #: Final-answer matching: "strict" (boxed, ####, "the answer is"), "last_number" (also
     #: the last number in the text: math word problems), or "off".
     answer_match: AnswerMatch = "strict"
+    #: How s_i is judged: "contradiction" (the checker where both answers extract, else
+    #: the engine's yes/no), "nli" (needs `nli_model`) or "embedding" (cosine).
+    agreement: AgreementMode = "contradiction"
     #: An NLI model (local folder or hub id, transformers sequence classification with a
-    #: "contradiction" label) for semantic agreement; None: embedding cosine.
+    #: "contradiction" label), for `agreement: nli`.
     nli_model: str | None = None
     #: Drop rows whose confidence is below this.
     min_confidence: float | None = None
@@ -262,6 +180,8 @@ class ClearConfig(LLMConfig):
     correct_new_min: float = 0.8
     correct_original_max: float = 0.5
     correct_judge_min: float = 0.7
+    #: Most auto-correct rounds (each tries one more candidate for rows still unsure).
+    correct_rounds: int = 1
 
     def __post_init__(self) -> None:
         where = "clear config"
@@ -282,6 +202,18 @@ class ClearConfig(LLMConfig):
                 f"{where}: answer_match must be 'off', 'strict' or 'last_number', "
                 f"got {self.answer_match!r}"
             )
+        if self.agreement not in ("contradiction", "nli", "embedding"):
+            raise ValueError(
+                f"{where}: agreement must be 'contradiction', 'nli' or 'embedding', "
+                f"got {self.agreement!r}"
+            )
+        if (self.agreement == "nli") != (self.nli_model is not None):
+            raise ValueError(
+                f"{where}: agreement 'nli' and nli_model go together "
+                f"(agreement={self.agreement!r}, nli_model={self.nli_model!r})"
+            )
+        if self.correct_rounds < 1:
+            raise ValueError(f"{where}: correct_rounds must be >= 1, got {self.correct_rounds}")
         if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
             raise ValueError(f"{where}: min_confidence must be in [0, 1] or null")
         if self.drop_fraction is not None and not 0 < self.drop_fraction < 1:
@@ -310,7 +242,7 @@ class Clear(Map):
     """CLEAR/BSDetector confidence (`score__clear`), then optional auto-correct and auto-filter."""
 
     name: ClassVar[str] = "clear"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     kind: ClassVar[str] = "filter"
     citation: ClassVar[str | None] = (
         "Chen and Mueller, 2024. Automated Data Curation for Robust Language Model "
@@ -342,28 +274,31 @@ class Clear(Map):
                 rows.append(_Row(i, before, response, prompt))
         samples, greedy = self._sample(engine, rows, ctx)
         questions = [question_text(r.before) for r in rows]
-        # the greedy answers that could replace a response, scored in the same calls
-        tried = [
-            k
-            for k, r in enumerate(rows)
-            if cfg.auto_correct and greedy[k] and _norm(greedy[k]) != _norm(r.response)
-        ]
+        tally = _Tally()
+        queues = (
+            [self._candidates(r.response, greedy[k], samples[k]) for k, r in enumerate(rows)]
+            if cfg.auto_correct
+            else []
+        )
+        # the first candidates are scored with the responses, in the same calls
+        first = [k for k, queue in enumerate(queues) if queue]
         conf, observed, reflection = self._confidence(
             engine,
             ctx,
-            questions + [questions[k] for k in tried],
-            [r.response for r in rows] + [greedy[k] for k in tried],
-            samples + [samples[k] for k in tried],
+            questions + [questions[k] for k in first],
+            [r.response for r in rows] + [queues[k][0].text for k in first],
+            samples + [queues[k][0].against(samples[k]) for k in first],
+            tally,
         )
         m = len(rows)
         scores = _Scores(conf[:m].copy(), observed[:m].copy(), reflection[:m].copy())
         out = batch
         judged = np.full(m, np.nan)
-        corrected = 0
+        per_round: list[int] = []
         if cfg.auto_correct:
-            new = _Scores(conf[m:], observed[m:], reflection[m:])
-            out, judged, corrected = self._correct(
-                batch, engine, rows, questions, tried, greedy, scores, new
+            ready = _Scores(conf[m:], observed[m:], reflection[m:])
+            out, judged, per_round = self._correct(
+                batch, engine, ctx, rows, questions, samples, queues, scores, (first, ready), tally
             )
         n = batch.height
         out = out.with_columns(
@@ -381,11 +316,44 @@ class Clear(Map):
                 "mean_confidence": float(np.mean(scores.confidence)) if m else None,
                 "low_confidence": reasons.count("low_confidence"),
                 "lowest_confidence": reasons.count("lowest_confidence"),
+                "agreement": cfg.agreement,
+                "agreement_pairs": tally.pairs,
+                "agreement_by_checker": tally.by_checker,
+                "agreement_by_engine": tally.by_engine,
                 "judged": int(np.isfinite(judged).sum()),
-                "corrected": corrected,
+                "corrected": sum(per_round),
+                "corrected_per_round": per_round,
             }
         )
         return out.with_columns(pl.Series(DROP_REASON, reasons, dtype=pl.String))
+
+    def _candidates(self, response: str, greedy: str, samples: Sequence[str]) -> list[_Candidate]:
+        """What may replace `response`, in the order tried: the greedy answer, then the
+        samples whose final answer most samples share (ties: sample order); no text twice,
+        never the response itself."""
+        mode = self.config.answer_match
+        seen = {_norm(response)}
+        out: list[_Candidate] = []
+        if greedy and _norm(greedy) not in seen:
+            out.append(_Candidate(greedy, None))
+            seen.add(_norm(greedy))
+        answers = [final_answer(s, mode) for s in samples]
+        votes: dict[str, int] = {}
+        for a in answers:
+            if a is not None:
+                votes[_norm(a)] = votes.get(_norm(a), 0) + 1
+
+        def rank(i: int) -> tuple[int, int]:
+            found = answers[i]
+            return (-votes[_norm(found)] if found is not None else 0, i)
+
+        order = sorted(range(len(samples)), key=rank)
+        for i in order:
+            text = samples[i].strip()
+            if text and _norm(text) not in seen:
+                out.append(_Candidate(text, i))
+                seen.add(_norm(text))
+        return out
 
     def _drop_reasons(self, n: int, rows: list[_Row], confidence: np.ndarray) -> list[str | None]:
         """no_response, then low_confidence (threshold), then lowest_confidence (fraction)."""
@@ -441,21 +409,37 @@ class Clear(Map):
         questions: list[str],
         answers: list[str],
         samples: list[list[str]],
+        tally: _Tally,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(C, O, S) per answer: one embedding (or NLI) pass and one reflection call."""
+        """(C, O, S) per answer: one agreement pass and one reflection call."""
         cfg = self.config
-        observed = self._observed(ctx, answers, samples)
+        observed = self._observed(engine, ctx, questions, answers, samples, tally)
         reflection = reflection_scores(engine, questions, answers)
         return cfg.beta * observed + (1 - cfg.beta) * reflection, observed, reflection
 
     def _observed(
-        self, ctx: StageContext, answers: Sequence[str], samples: Sequence[Sequence[str]]
+        self,
+        engine: MeteredEngine,
+        ctx: StageContext,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        samples: Sequence[Sequence[str]],
+        tally: _Tally,
     ) -> np.ndarray:
         """O per answer against its samples."""
         cfg = self.config
         if not answers:
             return np.zeros(0)
-        if cfg.nli_model is not None:
+        pairs = sum(len(group) for group in samples)
+        tally.pairs += pairs
+        if cfg.agreement == "contradiction":
+            semantic, asked = contradiction_agreement(
+                engine, questions, answers, samples, cfg.answer_match
+            )
+            tally.by_engine += asked
+            tally.by_checker += pairs - asked
+        elif cfg.agreement == "nli":
+            assert cfg.nli_model is not None  # checked by the config
             semantic = get_nli(cfg.nli_model).agreement(answers, samples)
         else:
             texts = list(dict.fromkeys([*answers, *(s for group in samples for s in group)]))
@@ -477,48 +461,87 @@ class Clear(Map):
         self,
         batch: pl.DataFrame,
         engine: MeteredEngine,
+        ctx: StageContext,
         rows: list[_Row],
         questions: list[str],
-        tried: list[int],
-        greedy: list[str],
+        samples: list[list[str]],
+        queues: list[list[_Candidate]],
         scores: _Scores,
-        new: _Scores,
-    ) -> tuple[pl.DataFrame, np.ndarray, int]:
-        """Ask the judge where the greedy answer is confident and the original is not;
-        replace the responses it prefers. Updates `scores` in place for corrected rows;
-        returns the new batch, the judge's P(new answer is better) (NaN: not asked) and
-        how many rows were corrected."""
+        first: tuple[list[int], _Scores],
+        tally: _Tally,
+    ) -> tuple[pl.DataFrame, np.ndarray, list[int]]:
+        """Rounds of: the next candidate of every row still below `correct_original_max`,
+        scored with the same confidence; the judge asked where that reaches
+        `correct_new_min`; the preferred ones swapped in. Stops when no row is left to try
+        (each row's outcome depends only on that row, so not on how rows form parts).
+        Updates `scores` in place; returns the new batch, the judge's last P(candidate is
+        better) per row (NaN: never asked) and how many rows each round corrected."""
         cfg = self.config
         judged = np.full(len(rows), np.nan)
-        eligible = [
-            (k, j)
-            for j, k in enumerate(tried)
-            if new.confidence[j] >= cfg.correct_new_min
-            and scores.confidence[k] < cfg.correct_original_max
-        ]
-        prompts: list[Messages] = []
-        for k, _ in eligible:
-            q, old, cand = questions[k], rows[k].response, greedy[k]
-            prompts.append(judge_prompt(q, old, cand))
-            prompts.append(judge_prompt(q, cand, old))
-        probs = option_probabilities(engine, prompts, ["1", "2"])
-        for e, (k, _) in enumerate(eligible):
-            judged[k] = (probs[2 * e, 1] + probs[2 * e + 1, 0]) / 2.0
-        chosen = [(k, j) for k, j in eligible if judged[k] >= cfg.correct_judge_min]
-        out = self._replace(batch, engine, rows, greedy, chosen, scores, new)
-        return out, judged, len(chosen)
+        responses = [r.response for r in rows]
+        tried = [0] * len(rows)
+        out = batch
+        per_round: list[int] = []
+        for round_no in range(cfg.correct_rounds):
+            todo = [
+                k
+                for k in range(len(rows))
+                if scores.confidence[k] < cfg.correct_original_max and tried[k] < len(queues[k])
+            ]
+            if not todo:
+                break
+            candidates = [queues[k][tried[k]] for k in todo]
+            if round_no == 0:  # scored with the responses already
+                where = {k: j for j, k in enumerate(first[0])}
+                picked = [where[k] for k in todo]
+                new = _Scores(
+                    first[1].confidence[picked],
+                    first[1].observed[picked],
+                    first[1].reflection[picked],
+                )
+            else:
+                new = _Scores(
+                    *self._confidence(
+                        engine,
+                        ctx,
+                        [questions[k] for k in todo],
+                        [c.text for c in candidates],
+                        [c.against(samples[k]) for k, c in zip(todo, candidates, strict=True)],
+                        tally,
+                    )
+                )
+            for k in todo:
+                tried[k] += 1
+            eligible = [j for j in range(len(todo)) if new.confidence[j] >= cfg.correct_new_min]
+            prompts: list[Messages] = []
+            for j in eligible:
+                q, old, cand = questions[todo[j]], responses[todo[j]], candidates[j].text
+                prompts.append(judge_prompt(q, old, cand))
+                prompts.append(judge_prompt(q, cand, old))
+            probs = option_probabilities(engine, prompts, ["1", "2"])
+            chosen: list[tuple[int, int]] = []
+            for e, j in enumerate(eligible):
+                k = todo[j]
+                judged[k] = (probs[2 * e, 1] + probs[2 * e + 1, 0]) / 2.0
+                if judged[k] >= cfg.correct_judge_min:
+                    chosen.append((k, j))
+            out = self._replace(out, engine, rows, responses, candidates, chosen, scores, new)
+            per_round.append(len(chosen))
+        return out, judged, per_round
 
     def _replace(
         self,
         batch: pl.DataFrame,
         engine: MeteredEngine,
         rows: list[_Row],
-        greedy: list[str],
+        responses: list[str],
+        candidates: list[_Candidate],
         chosen: list[tuple[int, int]],
         scores: _Scores,
         new: _Scores,
     ) -> pl.DataFrame:
-        """The batch with the chosen responses replaced, lineage and history kept."""
+        """The batch with the chosen responses replaced, lineage and history kept; updates
+        `responses` and `scores` for the replaced rows."""
         n = batch.height
         history = _history(batch)
         columns = {
@@ -532,13 +555,14 @@ class Clear(Map):
         for k, j in chosen:
             r = rows[k]
             i = r.index
+            text = candidates[j].text
             old_id = columns["id"][i]
-            messages = [*r.before, {"role": "assistant", "content": greedy[k]}]
+            messages = [*r.before, {"role": "assistant", "content": text}]
             history[i] = [
                 *history[i],
                 {
                     "id": old_id,
-                    "response": r.response,
+                    "response": responses[k],
                     "reason": "clear_auto_correct",
                     "score": float(scores.confidence[k]),
                 },
@@ -546,11 +570,12 @@ class Clear(Map):
             columns["messages"][i] = messages
             columns["id"][i] = record_id(messages, references[i])
             if "response" in columns:
-                columns["response"][i] = greedy[k]
+                columns["response"][i] = text
             if "parent_id" in columns:
                 columns["parent_id"][i] = old_id
             if "model" in columns:
                 columns["model"][i] = engine.model_id
+            responses[k] = text
             scores.confidence[k] = new.confidence[j]
             scores.observed[k] = new.observed[j]
             scores.reflection[k] = new.reflection[j]
@@ -561,6 +586,27 @@ class Clear(Map):
             ),
             pl.Series(HISTORY, history, dtype=HISTORY_TYPE),
         )
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A possible replacement answer: its text, and which sample it is (None: greedy)."""
+
+    text: str
+    sample: int | None
+
+    def against(self, samples: Sequence[str]) -> list[str]:
+        """The samples its observed consistency is measured against: all but itself."""
+        return [s for i, s in enumerate(samples) if i != self.sample]
+
+
+@dataclass
+class _Tally:
+    """How many (answer, sample) pairs were judged, and by what."""
+
+    pairs: int = 0
+    by_checker: int = 0
+    by_engine: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,22 @@ import pytest
 
 from gristmill.embed import get_embedder
 from gristmill.engines.base import Completion, Engine, Messages, Sampling, per_prompt
+from gristmill.filters.agreement import (
+    contradiction_agreement,
+    embedding_agreement,
+    engine_agreement,
+    get_nli,
+)
 from gristmill.filters.clear import (
     HISTORY_TYPE,
     Clear,
     ClearConfig,
     answer_matches,
-    embedding_agreement,
-    get_nli,
     lowest_fraction,
     observed_consistency,
-    option_probabilities,
     reflection_scores,
 )
+from gristmill.filters.options import option_probabilities
 from gristmill.pipelines.stage import StageContext
 from gristmill.records import make_record, record_id, records_frame, validate_frame
 
@@ -35,18 +39,21 @@ from gristmill.records import make_record, record_id, records_frame, validate_fr
 
 PROPOSED = re.compile(r"Proposed answer:\n(.*)\n\nIs the proposed answer", re.S)
 SECOND = re.compile(r"Response 2:\n(.*)\n\nWhich response", re.S)
+AGREE = re.compile(r"Answer 1:\n(.*)\n\nAnswer 2:\n(.*)\n\nDo the two answers agree", re.S)
 
 
 @dataclass
 class ScriptEngine:
     """Characters are tokens. Samples are drawn from `answers[question]` with the request's
-    seed; greedy decoding returns `greedy[question]`. Reflection and judge replies get the
-    probabilities `belief(answer)` / `judge(second response)` on their last token."""
+    seed; greedy decoding returns `greedy[question]`. Reflection, judge and agreement replies
+    get the probabilities `belief(answer)` / `judge(second response)` / `agree(first,
+    second)` (P("yes"), 0.5 if unlisted) on their last token."""
 
     answers: dict[str, list[str]]
     greedy: dict[str, str] = field(default_factory=dict)
     belief: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     judge: dict[str, float] = field(default_factory=dict)  # P("2") when it is response 2
+    agree: dict[tuple[str, str], float] = field(default_factory=dict)
     model_id: str = "script/model"
     generate_calls: list[tuple[list[str], list[Sampling]]] = field(default_factory=list)
     logprob_calls: list[list[str]] = field(default_factory=list)
@@ -88,9 +95,12 @@ class ScriptEngine:
             elif (found := SECOND.search(text)) is not None:
                 p2 = self.judge.get(found.group(1), 0.5)
                 p = {"1": 1 - p2, "2": p2}
+            elif (found := AGREE.search(text)) is not None:
+                yes = self.agree.get((found.group(1), found.group(2)), 0.5)
+                p = {"s": yes, "o": 1 - yes}  # the last character of "yes" / "no"
             else:
                 raise AssertionError(f"unexpected teacher-forced text {text!r}")
-            out.append([None] + [-1.0] * (len(text) - 2) + [math.log(p[last])])
+            out.append([None] + [0.0] * (len(text) - 2) + [math.log(p[last])])
         return out
 
 
@@ -131,16 +141,47 @@ def qa(question: str, answer: str | None, **extra: object) -> dict[str, object]:
 
 def test_observed_consistency_and_answer_matching() -> None:
     semantic = np.array([1.0, 0.5, 0.0])
-    assert observed_consistency(semantic, None, 0.8) == pytest.approx(0.5)
     assert observed_consistency(semantic, np.array([1.0, 0.0, 1.0]), 0.8) == pytest.approx(
         (0.8 * 1.5 + 0.2 * 2) / 3
     )
-    assert observed_consistency(np.zeros(0), None, 0.8) == 0.0
+    assert observed_consistency(np.zeros(0), np.zeros(0), 0.8) == 0.0
     samples = ["So it is 12.\n#### 12", "The answer is 12.0", "I think 12", "#### 13"]
     assert answer_matches("... #### 12", samples, "strict").tolist() == [1, 1, 0, 0]
     assert answer_matches("... #### 12", samples, "last_number").tolist() == [1, 1, 1, 0]
-    assert answer_matches("twelve", samples, "strict") is None, "no answer to match"
-    assert answer_matches("... #### 12", samples, "off") is None
+    # no final answer (or matching off): BSDetector's indicator is the same text
+    assert answer_matches("twelve", samples, "strict").tolist() == [0, 0, 0, 0]
+    assert answer_matches(" I think  12", samples, "off").tolist() == [0, 0, 1, 0]
+
+
+def test_free_text_stays_on_bsdetectors_scale() -> None:
+    """No extractable answer: r_i is 0 unless the texts match, so O = α·mean(s), the 0.544
+    BSDetector gives where s averages 0.68 (this used to be 0.68 itself)."""
+    semantic = np.array([0.6, 0.7, 0.74])
+    samples = ["A calm, short poem.", "Another poem here.", "A third one."]
+    matches = answer_matches("A poem about rain.", samples, "strict")
+    assert observed_consistency(semantic, matches, 0.8) == pytest.approx(0.8 * 0.68)
+
+
+def test_contradiction_agreement_uses_the_checker_then_the_engine() -> None:
+    engine = ScriptEngine(
+        answers={},
+        agree={("Rain on roofs.", "Sun on roofs."): 0.2, ("Sun on roofs.", "Rain on roofs."): 0.4},
+    )
+    (math_row, free_row), asked = contradiction_agreement(
+        engine,
+        ["q", "q"],
+        ["so the answer is 5.", "Rain on roofs."],
+        [["The answer is 5", "The answer is 7", "no number"], ["Sun on roofs."]],
+        "strict",
+    )
+    # 5 vs 5 agree, 5 vs 7 contradict (however alike the words), the rest go to the engine
+    assert math_row[:2].tolist() == [1.0, 0.0]
+    assert math_row[2] == pytest.approx(0.5) and free_row[0] == pytest.approx(0.3)
+    assert asked == 2
+    ((texts),) = engine.logprob_calls
+    assert len(texts) == 2 * 2 * 2, "two pairs × both orders × yes/no, in one call"
+    assert texts[0].endswith("Reply with one word: yes or no.[assistant]\nyes")
+    assert engine_agreement(engine, []).shape == (0,)
 
 
 def test_embedding_agreement_is_clipped_cosine() -> None:
@@ -180,7 +221,7 @@ def test_confidence_formula_calls_and_shared_samples(tmp_path: Path) -> None:
         [qa("q1", "#### 4"), qa("q1", "#### 7"), qa("q2", "Paris, the answer is Paris")]
     )
     ctx = context(tmp_path, engine)
-    cfg = ClearConfig(samples=4, answer_match="strict", max_tokens=64)
+    cfg = ClearConfig(samples=4, answer_match="strict", max_tokens=64, agreement="embedding")
     out = Clear(cfg).process(batch, ctx)
 
     ((prompts, params),) = engine.generate_calls
@@ -202,6 +243,45 @@ def test_confidence_formula_calls_and_shared_samples(tmp_path: Path) -> None:
     assert out["score__clear"][0] > out["score__clear"][1]
     assert out["drop_reason"].to_list() == [None, None, None]
     validate_frame(out.drop("drop_reason"), where="clear output")
+
+
+def test_default_agreement_sees_a_changed_final_number(tmp_path: Path) -> None:
+    """The default judges contradiction: a response whose final number differs from every
+    sample's scores O = 0 however alike the words; embedding cosine cannot see it."""
+    answers = {"q1": ["We add them: 2 + 2 = 4. #### 4"] * 3}
+    batch = records_frame(
+        [qa("q1", "We add them: 2 + 2 = 4. #### 4"), qa("q1", "We add them: 2 + 2 = 5. #### 5")]
+    )
+    out = Clear(ClearConfig(samples=3)).process(batch, context(tmp_path, ScriptEngine(answers)))
+    assert out["clear_observed"].to_list() == [1.0, 0.0]
+    cosine = Clear(ClearConfig(samples=3, agreement="embedding")).process(
+        batch, context(tmp_path, ScriptEngine(answers))
+    )
+    assert cosine["clear_observed"][1] == pytest.approx(0.8), "same first word: cosine 1"
+
+
+def test_free_text_agreement_asks_the_engine_in_both_orders(tmp_path: Path) -> None:
+    poem = "Rain taps the glass."
+    engine = ScriptEngine(
+        answers={"q": ["Rain on the glass.", "Sun in the sky."]},
+        agree={
+            (poem, "Rain on the glass."): 0.9,
+            ("Rain on the glass.", poem): 0.7,
+            (poem, "Sun in the sky."): 0.3,
+            ("Sun in the sky.", poem): 0.1,
+        },
+    )
+    ctx = context(tmp_path, engine)
+    out = Clear(ClearConfig(samples=4)).process(records_frame([qa("q", poem)]), ctx)
+    ((_, params),) = engine.generate_calls
+    rng = random.Random(params[0].seed)
+    drawn = [rng.choice(engine.answers["q"]) for _ in range(4)]
+    s = np.array([0.8 if d.startswith("Rain") else 0.2 for d in drawn])
+    assert out["clear_observed"][0] == pytest.approx(0.8 * s.mean())  # r_i = 0: other text
+    assert len(engine.logprob_calls) == 2, "one agreement call, one reflection call"
+    stats = ctx.extra_stats
+    assert (stats["agreement_pairs"], stats["agreement_by_engine"]) == (4, 4)
+    assert stats["agreement_by_checker"] == 0
 
 
 def test_output_does_not_depend_on_batching(tmp_path: Path) -> None:
@@ -291,6 +371,35 @@ def test_auto_correct_replaces_and_keeps_lineage(tmp_path: Path) -> None:
     assert out["history"].to_list() == [[], []]
 
 
+def test_auto_correct_rounds_try_the_samples_after_the_greedy_answer(tmp_path: Path) -> None:
+    """Round 1's greedy answer disagrees with every sample (O = 0), so it is never judged;
+    round 2 tries the samples' shared answer, scored against the other samples."""
+    good = "The answer is 4. #### 4"
+    engine = ScriptEngine(
+        answers={"q1": [good]},
+        greedy={"q1": "I guess #### 9"},
+        belief={good: (0.95, 0.025, 0.025), "Wrong #### 7": (0.1, 0.8, 0.1)},
+        judge={good: 0.9, "Wrong #### 7": 0.1},
+    )
+    batch = records_frame([qa("q1", "Wrong #### 7")])
+    one = Clear(ClearConfig(samples=3, auto_correct=True)).process(
+        batch, ctx := context(tmp_path, engine)
+    )
+    assert one["response"][0] == "Wrong #### 7" and one["clear_judge"][0] is None
+    assert ctx.extra_stats["corrected_per_round"] == [0]
+
+    cfg = ClearConfig(samples=3, auto_correct=True, correct_rounds=3)
+    out = Clear(cfg).process(batch, ctx := context(tmp_path, engine))
+    fixed = out.row(0, named=True)
+    assert fixed["response"] == good and fixed["clear_judge"] == pytest.approx(0.9)
+    assert fixed["clear_observed"] == pytest.approx(1.0), "against the two other samples"
+    assert fixed["score__clear"] >= cfg.correct_new_min
+    assert [h["response"] for h in fixed["history"]] == ["Wrong #### 7"]
+    # round 3 has nothing left to try: the row is confident now
+    assert ctx.extra_stats["corrected_per_round"] == [0, 1]
+    assert ctx.extra_stats["corrected"] == 1
+
+
 def test_config_errors_and_columns() -> None:
     with pytest.raises(ValueError, match="samples must be >= 1"):
         ClearConfig(samples=0)
@@ -300,6 +409,14 @@ def test_config_errors_and_columns() -> None:
         ClearConfig(drop_fraction=1.0)
     with pytest.raises(ValueError, match="answer_match must be"):
         ClearConfig(answer_match="loose")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="agreement must be"):
+        ClearConfig(agreement="cosine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="agreement 'nli' and nli_model go together"):
+        ClearConfig(nli_model="some/nli")
+    with pytest.raises(ValueError, match="agreement 'nli' and nli_model go together"):
+        ClearConfig(agreement="nli")
+    with pytest.raises(ValueError, match="correct_rounds must be >= 1"):
+        ClearConfig(correct_rounds=0)
     assert Clear().produces() == ("score__clear", "clear_observed", "clear_reflection")
     assert Clear(ClearConfig(auto_correct=True)).produces()[-2:] == ("clear_judge", "history")
 
@@ -335,7 +452,7 @@ def test_nli_agreement_averages_both_directions(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from gristmill.filters.clear import NliScorer
+    from gristmill.filters.agreement import NliScorer
 
     labels = {0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}
     folder = tiny_nli(tmp_path / "nli", labels)
@@ -367,13 +484,15 @@ def test_nli_agreement_averages_both_directions(tmp_path: Path) -> None:
 def test_stage_uses_the_nli_model_when_given(tmp_path: Path) -> None:
     folder = tiny_nli(tmp_path / "nli", {0: "contradiction", 1: "entailment", 2: "neutral"})
     batch = records_frame([qa("q1", "#### 4")])
-    cfg = ClearConfig(samples=2, nli_model=str(folder), answer_match="off")
+    cfg = ClearConfig(samples=2, agreement="nli", nli_model=str(folder), answer_match="off")
     engine = ScriptEngine(GSM)
     out = Clear(cfg).process(batch, context(tmp_path, engine))
     ((_, params),) = engine.generate_calls
     rng = random.Random(params[0].seed)
     drawn = [rng.choice(GSM["q1"]) for _ in range(2)]
-    expected = float(np.mean(get_nli(str(folder)).agreement(["#### 4"], [drawn])[0]))
+    semantic = get_nli(str(folder)).agreement(["#### 4"], [drawn])[0]
+    same = np.array([float(d == "#### 4") for d in drawn])  # r_i: the same text
+    expected = float(np.mean(0.8 * semantic + 0.2 * same))
     assert out["clear_observed"][0] == pytest.approx(expected)
 
 
@@ -438,3 +557,47 @@ def test_real_engine_confidence_separates_right_from_wrong_answers(
     assert c == pytest.approx(0.7 * o + 0.3 * s)
     assert c[labels == 1].mean() > c[labels == 0].mean()
     assert auroc(c, labels) > 0.8
+
+
+@pytest.mark.engine
+def test_real_engine_default_agreement_on_changed_final_numbers(
+    tmp_path: Path, engine: Engine
+) -> None:
+    """The default path on the real engine: GSM8K solutions and copies with the final number
+    changed. Every (response, sample) pair is judged by the checker or by the engine's
+    yes/no, in at most one agreement call. AUROC on 30 questions: bench/clear_auroc.py."""
+    import json
+
+    items = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()][:3]
+    records = []
+    for item in items:
+        right = solution_text(item["answer"])
+        body, _, final = right.rpartition("####")
+        wrong = f"{body}#### {int(final.strip().replace(',', '')) + 1}"
+        for answer, label in ((right, 1), (wrong, 0)):
+            messages = [
+                {"role": "user", "content": item["question"]},
+                {"role": "assistant", "content": answer},
+            ]
+            records.append(make_record(messages, source="gsm8k", label=label))
+    ctx = StageContext(
+        stage_name="clear",
+        stage_index=0,
+        seed=0,
+        run_dir=tmp_path,
+        engine_factory=lambda _name: engine,
+        embedder_factory=get_embedder,
+    )
+    cfg = ClearConfig(samples=2, max_tokens=48, answer_match="last_number")
+    out = Clear(cfg).process(records_frame(records), ctx)
+    stats = ctx.extra_stats
+    assert stats["agreement_pairs"] == 12
+    assert stats["agreement_by_checker"] + stats["agreement_by_engine"] == 12
+    asked = 1 if stats["agreement_by_engine"] else 0
+    assert ctx.engine_stats.calls == 2 + asked, "generate, reflection, and agreement if asked"
+    c, o, s = (out[k].to_numpy() for k in ("score__clear", "clear_observed", "clear_reflection"))
+    assert np.all((o >= 0) & (o <= 1) & (s > 0) & (s < 1))
+    assert c == pytest.approx(0.7 * o + 0.3 * s)
+    if stats["agreement_by_engine"] == 0:  # the checker decided all: o_i is 0 or 1
+        for k in range(0, 6, 2):  # and a sample can match N or N + 1, not both
+            assert o[k] + o[k + 1] <= 1.0 + 1e-9
