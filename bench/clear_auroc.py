@@ -3,6 +3,8 @@
 For each of N GSM8K training questions, two responses: the reference solution (right) and
 the same solution with its final number changed in the last step and after `####` (wrong,
 and nearly identical in words; `--wrong swapped`: the next question's solution instead).
+`--data arith`: level-1 problems of the built-in arithmetic generator, which the bundled
+model solves about half the time greedy, answered "The answer is N." or "... N+1.".
 The `clear` stage scores all 2N rows; AUROC is P(a right answer outscores a wrong one) for
 C, O and S, per seed and agreement mode. The `embedding` mode is the old default, run on
 the same samples for comparison.
@@ -41,6 +43,7 @@ from gristmill.engines.factory import EngineSpec, get_engine, shutdown_engines
 from gristmill.filters.clear import Clear, ClearConfig
 from gristmill.pipelines.stage import StageContext
 from gristmill.records import make_record, records_frame
+from gristmill.synth.arith import ANSWER_INSTRUCTION, generate_problems
 
 GSM8K = Path(__file__).resolve().parents[1] / "recipes" / "data" / "gsm8k_train_200.jsonl"
 
@@ -61,6 +64,33 @@ def changed_final_number(solution: str) -> str:
     return f"{head}{sep}{last}\n#### {new}"
 
 
+def gsm8k_pairs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(question, right solution, wrong solution) for the first GSM8K questions."""
+    lines = GSM8K.read_text(encoding="utf-8").splitlines()[: args.questions]
+    items = [json.loads(line) for line in lines]
+    out = []
+    for k, item in enumerate(items):
+        right = solution_text(item["answer"])
+        if args.wrong == "changed":
+            wrong = changed_final_number(right)
+        else:
+            wrong = solution_text(items[(k + 1) % len(items)]["answer"])
+        out.append((item["question"], right, wrong))
+    return out
+
+
+def arith_pairs(n: int) -> list[tuple[str, str, str]]:
+    """(question, "The answer is N.", "The answer is N+1.") for level-1 arith problems."""
+    return [
+        (
+            p.question + ANSWER_INSTRUCTION,
+            f"The answer is {p.answer}.",
+            f"The answer is {int(p.answer) + 1}.",
+        )
+        for p in generate_problems(n, seed=0, levels=(1,))
+    ]
+
+
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """P(a right answer outscores a wrong one), ties counting half."""
     pos, neg = scores[labels == 1], scores[labels == 0]
@@ -76,6 +106,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["contradiction", "embedding"])
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--data", choices=["gsm8k", "arith"], default="gsm8k")
     parser.add_argument(
         "--wrong",
         choices=["changed", "swapped"],
@@ -85,21 +116,15 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args()
 
-    lines = GSM8K.read_text(encoding="utf-8").splitlines()[: args.questions]
-    items = [json.loads(line) for line in lines]
+    pairs = arith_pairs(args.questions) if args.data == "arith" else gsm8k_pairs(args)
     records = []
-    for k, item in enumerate(items):
-        right = solution_text(item["answer"])
-        if args.wrong == "changed":
-            wrong = changed_final_number(right)
-        else:
-            wrong = solution_text(items[(k + 1) % len(items)]["answer"])
+    for question, right, wrong in pairs:
         for answer, label in ((right, 1), (wrong, 0)):
             messages = [
-                {"role": "user", "content": item["question"]},
+                {"role": "user", "content": question},
                 {"role": "assistant", "content": answer},
             ]
-            records.append(make_record(messages, source="gsm8k", label=label))
+            records.append(make_record(messages, source=args.data, label=label))
     frame = records_frame(records)
     labels = np.array([r["label"] for r in records])
     engine = get_engine(EngineSpec())
@@ -137,7 +162,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     finally:
         shutdown_engines()
-    print(f"\n{len(items)} questions × (right, wrong: {args.wrong}), k={args.samples}")
+    print(f"\n{len(pairs)} {args.data} questions × (right, wrong), k={args.samples}")
     print("mode           seed   AUROC C   AUROC O   AUROC S   checker/engine pairs   s")
     for r in results:
         print(

@@ -169,6 +169,7 @@ def test_real_model_labels_easy_and_hard_arithmetic_above_chance(
     accuracy = hits / len(truth)
     print(f"judge label accuracy (easy/hard arithmetic, SmolLM2-135M): {accuracy:.2f}")
     assert set(out["difficulty"]) <= {"easy", "hard"}
-    assert out["difficulty_prob"].is_between(0.5, 1.0).all()
+    # the chosen label's order-averaged probability: at least 0.5 (up to rounding) of two
+    assert out["difficulty_prob"].is_between(0.5 - 1e-9, 1.0).all()
     if accuracy <= 0.5:  # measured 0.50 on 2026-12-02: the 135M model does not tell them apart
         pytest.xfail(f"SmolLM2-135M labels easy/hard at chance ({accuracy:.2f})")
