@@ -525,7 +525,8 @@ def test_real_engine_confidence_separates_right_from_wrong_answers(
     one; observed consistency carries it (self-reflection alone: AUROC 0.50). With wrong
     answers made by changing only the final number (and the last step to match), CLEAR
     cannot tell them apart on this model: AUROC 0.50, 0.53, 0.50 (its samples almost never
-    reach the right number, and its self-reflection barely differs). The test runs 10.
+    reach the right number, and its self-reflection barely differs); with the contradiction
+    default since: 0.52, 0.55, 0.49 (bench/clear_auroc.py). The test runs 10.
     """
     import json
 
