@@ -166,7 +166,9 @@ class ClearConfig(LLMConfig):
     #: the last number in the text: math word problems), or "off".
     answer_match: AnswerMatch = "strict"
     #: How s_i is judged: "contradiction" (the checker where both answers extract, else
-    #: the engine's yes/no), "nli" (needs `nli_model`) or "embedding" (cosine).
+    #: the engine's yes/no), "nli" (needs `nli_model`) or "embedding" (cosine). The checker
+    #: compares final answers only, so an off-topic answer with an unmatched number scores
+    #: like a wrong number; cosine sees topicality (bench/README.md, `--wrong swapped`).
     agreement: AgreementMode = "contradiction"
     #: An NLI model (local folder or hub id, transformers sequence classification with a
     #: "contradiction" label), for `agreement: nli`.
