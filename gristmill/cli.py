@@ -35,15 +35,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gristmill.flows.options import retry_from_args, runner_from_args
     from gristmill.flows.recipe import run_recipe
     from gristmill.pipelines.recipe import Recipe
+    from gristmill.runlog import route_logs
 
     recipe = Recipe.from_yaml(args.recipe, args.set)  # a bad recipe fails before Prefect starts
+    log_path = route_logs(args.out, verbose=args.verbose)
+    shown = "shown here too" if args.verbose else "-v shows them here"
+    print(f"run folder: {args.out}\nlog: {log_path} (vLLM, Prefect and library logs; {shown})")
     start = time.perf_counter()
     dataset = run_recipe(
         recipe,
         args.out,
         runner=runner_from_args(args),
         retry=retry_from_args(args),
-        show_progress=not args.no_progress,
+        # bars redraw a terminal line; into a pipe or file they are noise (the log has
+        # a line per finished part and stage)
+        show_progress=not args.no_progress and sys.stderr.isatty(),
     )
     wall = time.perf_counter() - start
     columns, rows = query(
@@ -189,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. stages.magpie.turns=2 or input.rows=50",
     )
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument(
+        "--no-progress", action="store_true", help="hide progress bars (shown only on a terminal)"
+    )
     add_runner_arguments(run)
     run.set_defaults(func=cmd_run)
 

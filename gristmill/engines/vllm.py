@@ -113,7 +113,8 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 def llm_options(options: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
     """The keyword arguments for `vllm.LLM`: the caller's options over the platform defaults."""
-    merged = dict(CPU_DEFAULTS) if on_cpu else {}
+    merged: dict[str, Any] = {"use_tqdm_on_load": False}  # the run's log says it loaded
+    merged.update(CPU_DEFAULTS if on_cpu else {})
     merged.update(options)
     return merged
 

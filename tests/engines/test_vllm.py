@@ -119,6 +119,7 @@ def test_bad_prompts_get_clear_errors(engine: Engine) -> None:
 
 def test_cpu_defaults_yield_to_given_options() -> None:
     assert llm_options({}, on_cpu=True) == {
+        "use_tqdm_on_load": False,
         "max_model_len": 2048,
         "dtype": "bfloat16",
         "enable_chunked_prefill": False,
@@ -127,7 +128,10 @@ def test_cpu_defaults_yield_to_given_options() -> None:
     }
     given = llm_options({"max_model_len": 4096, "enable_prefix_caching": True}, on_cpu=True)
     assert given["max_model_len"] == 4096 and given["enable_prefix_caching"] is True
-    assert llm_options({"dtype": "auto"}, on_cpu=False) == {"dtype": "auto"}
+    assert llm_options({"dtype": "auto"}, on_cpu=False) == {
+        "use_tqdm_on_load": False,
+        "dtype": "auto",
+    }
 
 
 def test_cpu_env_defaults() -> None:
