@@ -315,3 +315,21 @@ def test_read_records_reads_blocks_and_whole_only_when_it_must(
         read_records(path, mapping={"prompt": "question"})  # parse errors first, as before
     with pytest.raises(RecordError, match=r"two\.jsonl: line 5: field 'prompt'"):
         list(iter_record_batches(path, rows=10, mapping={"prompt": "question"}))  # block order
+
+
+@pytest.mark.parametrize("late_key", [False, True])
+def test_any_key_reads_by_column(tmp_path: Path, late_key: bool) -> None:
+    """Keys that are no identifiers (decoded against the keys seen first), and a key first
+    seen after those lines (decoded as plain objects), keep their values and order."""
+    rows: list[dict[str, Any]] = [
+        {"q": f"q{i}", "1x": i, "k0": "x" if i % 2 else None, "a b": [i], "é": {"n": i}}
+        for i in range(1500)
+    ]
+    if late_key:
+        rows[1200]["later"] = "here"
+    path = write_jsonl(tmp_path / "keys.jsonl", rows)
+    frame = read_records(path, mapping={"prompt": "q"})
+    extras = ["1x", "k0", "a b", "é"] + (["later"] if late_key else [])
+    assert frame.columns[8:] == extras
+    expected = [{k: r.get(k) for k in extras} for r in rows]
+    assert frame.select(extras).to_dicts() == expected
