@@ -4,22 +4,20 @@ Arrow is the contract, polars the working type, Parquet the storage. Every stage
 on the CORE columns below; scoring stages add `score__<name>` float64 columns; filters set
 `drop_reason` on rows they send to the `rejected/` side output.
 
-Sections: the schema and record builders; `RecordError` (names file, row and field);
-`read_records` (jsonl, json, parquet, hf, with a column mapping, all rows validated);
-`validate_frame` (stage outputs); trainer formats (`to_sft`, `to_prompt_completion`,
-`to_preference`, `to_chat_preference`) and the atomic writers `write_table` / `write_format`.
+Sections: the schema, record builders and ids (`record_id` per record, `record_ids` per
+column); `RecordError` (names file, row and field); input formats and `read_records`
+(implemented in `gristmill.reader`); `check_messages` and `validate_frame`; trainer formats
+(`to_sft`, `to_prompt_completion`, `to_preference`, `to_chat_preference`) and the atomic
+writers `write_table` / `write_format`.
 """
 
 from __future__ import annotations
 
-import codecs
-import gzip
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
@@ -76,6 +74,20 @@ def record_id(messages: Sequence[Mapping[str, Any]], reference: str | None = Non
         separators=(",", ":"),
     )
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:20]
+
+
+def record_ids(messages: pl.Series, reference: pl.Series) -> pl.Series:
+    """`record_id` of every row at once: polars writes the same canonical JSON (sorted keys,
+    no spaces, non-ASCII kept), so only the sha256 runs per row."""
+    content, role = pl.element().struct.field("content"), pl.element().struct.field("role")
+    canonical = pl.struct(
+        pl.col("messages").list.eval(pl.struct(content, role)),
+        pl.col("reference"),
+    ).struct.json_encode()
+    texts = pl.DataFrame({"messages": messages, "reference": reference}).select(canonical)
+    sha256 = hashlib.sha256
+    digests = [sha256(t).hexdigest()[:20] for t in texts.to_series().cast(pl.Binary).to_list()]
+    return pl.Series("id", digests, dtype=pl.String)
 
 
 def last_turn(messages: Sequence[Mapping[str, Any]], role: str) -> str | None:
@@ -186,16 +198,16 @@ def _rebuild_record_error(
     return RecordError(where, problem, line=line, row=row, field=field, column=column)
 
 
-class _Invalid(Exception):
-    """A bad value, before its location is known; turned into a RecordError by the caller."""
+class InvalidValue(Exception):
+    """A bad value, before its location is known; the caller turns it into a RecordError."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(problem)
         self.field, self.problem = field, problem
 
 
-def _describe(value: Any) -> str:
-    """A short `type value` description of a bad value for error messages."""
+def describe_value(value: Any) -> str:
+    """A short `type value` description of a bad value, for error messages."""
     if value is None:
         return "null"
     text = repr(value)
@@ -205,26 +217,11 @@ def _describe(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading: load raw rows (jsonl, json, parquet, hf), then map columns onto records
+# Input formats; reading itself lives in gristmill.reader
 # --------------------------------------------------------------------------------------------
 
 InputFormat = Literal["jsonl", "json", "parquet", "hf"]
 INPUT_FORMATS: tuple[str, ...] = ("jsonl", "json", "parquet", "hf")
-
-#: Record fields a mapping may point at a file column.
-MAPPABLE_FIELDS: tuple[str, ...] = (
-    "messages",
-    "prompt",
-    "input",
-    "response",
-    "system",
-    "reference",
-    "source",
-    "parent_id",
-    "model",
-)
-#: Fields that build the conversation from a single prompt (instead of `messages`).
-_PROMPT_FIELDS = ("prompt", "input", "response", "system")
 
 _SUFFIXES: tuple[tuple[str, InputFormat], ...] = (
     (".jsonl", "jsonl"),
@@ -234,8 +231,6 @@ _SUFFIXES: tuple[tuple[str, InputFormat], ...] = (
     (".json.gz", "json"),
     (".parquet", "parquet"),
 )
-
-MISSING: Final = object()
 
 
 def infer_format(path: str | Path) -> InputFormat:
@@ -263,392 +258,6 @@ def default_source(path: str | Path) -> str:
     return name
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Input:
-    """Rows read from one input, before mapping, and how to name a row in errors.
-
-    JSON input keeps the parsed objects (`rows`, with their line numbers for JSON lines);
-    Parquet and HF input keep the typed Arrow `table`, so extra columns keep their types.
-    """
-
-    where: str
-    columns: tuple[str, ...]
-    length: int
-    rows: list[dict[str, Any]] | None = None
-    lines: list[int] | None = None
-    table: pa.Table | None = None
-
-    def line_of(self, i: int) -> int | None:
-        """The 1-based line number of row `i` (JSON lines only)."""
-        return self.lines[i] if self.lines is not None else None
-
-    def row_of(self, i: int) -> int | None:
-        """The 0-based index of row `i` (all formats but JSON lines)."""
-        return None if self.lines is not None else i
-
-    def values(self, column: str) -> list[Any]:
-        """A column as Python values; `MISSING` where a JSON row lacks the key."""
-        if self.table is not None:
-            return list(self.table.column(column).to_pylist())
-        assert self.rows is not None
-        return [r.get(column, MISSING) for r in self.rows]
-
-
-def _read_bytes(path: Path, where: str) -> bytes:
-    data = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise RecordError(where, f"not a readable gzip file: {exc}") from None
-    return data.removeprefix(codecs.BOM_UTF8)
-
-
-def _parse_json_lines(raw: bytes, where: str) -> _Input:
-    """One JSON object per line; blank lines are skipped; errors name the 1-based line."""
-    rows: list[dict[str, Any]] = []
-    lines: list[int] = []
-    offset = 0
-    kind = "decompressed file" if where.lower().endswith(".gz") else "file"
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        start, offset = offset, offset + len(line) + 1
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecordError(
-                where,
-                f"invalid UTF-8 ({exc.reason}) at byte {exc.start} of the line "
-                f"(byte offset {start + exc.start} of the {kind})",
-                line=number,
-            ) from None
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecordError(
-                where, f"invalid JSON at column {exc.colno}: {exc.msg}", line=number
-            ) from None
-        if not isinstance(obj, dict):
-            raise RecordError(where, f"expected a JSON object, got {_describe(obj)}", line=number)
-        rows.append(obj)
-        lines.append(number)
-    columns = tuple(dict.fromkeys(key for row in rows for key in row))
-    return _Input(where=where, columns=columns, length=len(rows), rows=rows, lines=lines)
-
-
-def _load_jsonl(path: Path, where: str) -> _Input:
-    return _parse_json_lines(_read_bytes(path, where), where)
-
-
-def _load_json(path: Path, where: str) -> _Input:
-    """A JSON array of objects (rows named by 0-based index); else read as JSON lines."""
-    raw = _read_bytes(path, where)
-    if not raw.lstrip().startswith(b"["):
-        return _parse_json_lines(raw, where)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise RecordError(
-            where, f"invalid UTF-8 ({exc.reason}) at byte offset {exc.start}", line=line
-        ) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(
-            where, f"invalid JSON at column {exc.colno}: {exc.msg}", line=exc.lineno
-        ) from None
-    if not isinstance(data, list):
-        raise RecordError(where, f"expected a JSON array of objects, got {_describe(data)}")
-    for i, obj in enumerate(data):
-        if not isinstance(obj, dict):
-            raise RecordError(where, f"expected a JSON object, got {_describe(obj)}", row=i)
-    columns = tuple(dict.fromkeys(key for row in data for key in row))
-    return _Input(where=where, columns=columns, length=len(data), rows=data)
-
-
-def _load_parquet(path: Path, where: str) -> _Input:
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise RecordError(where, f"not a readable Parquet file: {exc}") from None
-    return _Input(
-        where=where, columns=tuple(table.column_names), length=table.num_rows, table=table
-    )
-
-
-def _load_hf(name: str, where: str, split: str) -> _Input:
-    """A dataset saved with `save_to_disk`, or anything `datasets.load_dataset` takes."""
-    import datasets  # heavy import, only needed here
-
-    folder = Path(name)
-    saved = ("dataset_info.json", "dataset_dict.json", "state.json")
-    if folder.is_dir() and any((folder / f).exists() for f in saved):
-        loaded = datasets.load_from_disk(str(folder))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise RecordError(where, f"no split {split!r}; the dataset has {list(loaded)}")
-            loaded = loaded[split]
-    else:
-        loaded = datasets.load_dataset(name, split=split)
-    if not isinstance(loaded, datasets.Dataset):
-        raise RecordError(where, f"expected one split of a dataset, got {type(loaded).__name__}")
-    table = loaded.with_format("arrow")[:]
-    return _Input(
-        where=where, columns=tuple(table.column_names), length=table.num_rows, table=table
-    )
-
-
-def load_rows(path: str | Path, fmt: str, split: str) -> _Input:
-    """Raw rows of a jsonl/json/parquet file or an HF dataset, with line/row positions for
-    error messages (no mapping, no validation: `read_records` builds records from this)."""
-    where = str(path)
-    if fmt != "hf" and not Path(path).is_file():
-        if Path(path).is_dir():
-            raise IsADirectoryError(f"{where}: is a folder; read folders with format='hf'")
-        raise FileNotFoundError(f"{where}: no such file")
-    match fmt:
-        case "jsonl":
-            return _load_jsonl(Path(path), where)
-        case "json":
-            return _load_json(Path(path), where)
-        case "parquet":
-            return _load_parquet(Path(path), where)
-        case "hf":
-            return _load_hf(str(path), where, split)
-    raise ValueError(f"{where}: unknown format {fmt!r}; expected one of {list(INPUT_FORMATS)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Plan:
-    """How file columns become record fields, resolved once per input."""
-
-    conversation: Literal["messages", "prompt"]
-    columns: dict[str, str]  # record field -> file column
-    explicit: frozenset[str]  # fields the user mapped: their column must be in every row
-    source: str | None  # a constant source, or None to read the `source` column
-    extras: tuple[str, ...]  # file columns kept as they are
-
-
-def _plan(
-    data: _Input, mapping: Mapping[str, str] | None, source: str | None, default_source: str
-) -> _Plan:
-    """Resolve the mapping against the input's columns (unmapped fields: same-named columns)."""
-    where, given = data.where, dict(mapping or {})
-    unknown = sorted(set(given) - set(MAPPABLE_FIELDS))
-    if unknown:
-        raise RecordError(
-            where, f"mapping has unknown field(s) {unknown}; mappable: {list(MAPPABLE_FIELDS)}"
-        )
-    if "messages" in given and any(f in given for f in _PROMPT_FIELDS):
-        raise RecordError(where, "map either 'messages' or 'prompt' (+ input/response/system)")
-    if source is not None and "source" in given:
-        raise RecordError(where, "give either source= or a mapped 'source' column, not both")
-    for field, column in given.items():
-        if column not in data.columns:
-            raise RecordError(
-                where,
-                f"column {column!r} not found; the input has columns {list(data.columns)}",
-                line=data.line_of(0),
-                row=data.row_of(0),
-                field=field,
-                column=column,
-            )
-
-    columns = dict(given)
-    conversation: Literal["messages", "prompt"]
-    if "messages" in given or ("prompt" not in given and "messages" in data.columns):
-        conversation = "messages"
-    elif "prompt" in given or "prompt" in data.columns:
-        conversation = "prompt"
-    else:
-        raise RecordError(
-            where,
-            "no conversation: map 'messages' or 'prompt' to a column, e.g. "
-            f"mapping={{'prompt': 'instruction', 'response': 'output'}}; "
-            f"the input has columns {list(data.columns)}",
-        )
-    if conversation == "messages" and any(f in given for f in _PROMPT_FIELDS):
-        raise RecordError(where, "'input', 'response' and 'system' need a mapped 'prompt'")
-    defaults = ["reference", "parent_id", "model", conversation]
-    if conversation == "prompt":
-        defaults += ["response", "system"]
-    if source is None:
-        defaults.append("source")
-    for field in defaults:
-        if field not in columns and field in data.columns:
-            columns[field] = field
-
-    used = set(columns.values())
-    extras = tuple(c for c in data.columns if c not in used and c not in CORE_COLUMNS)
-    if source is None and "source" not in columns:
-        source = default_source
-    return _Plan(
-        conversation=conversation,
-        columns=columns,
-        explicit=frozenset(given),
-        source=source,
-        extras=extras,
-    )
-
-
-def _text(field: str, value: Any, *, nullable: bool) -> str | None:
-    if value is None:
-        if nullable:
-            return None
-        raise _Invalid(field, "is null, expected a string")
-    if not isinstance(value, str):
-        raise _Invalid(field, f"expected a string, got {_describe(value)}")
-    return value
-
-
-def _reference_text(value: Any) -> str | None:
-    """References may be numbers (numeric answers); they are stored as text."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return _text("reference", value, nullable=True)
-
-
-def _check_messages(value: Any) -> list[dict[str, str]]:
-    """Check a conversation (a non-empty list of {role, content}); return it as plain dicts."""
-    problem = "expected a list of {role, content} messages"
-    if value is None:
-        raise _Invalid("messages", f"is null, {problem}")
-    if not isinstance(value, list | tuple):
-        raise _Invalid("messages", f"{problem}, got {_describe(value)}")
-    if not value:
-        raise _Invalid("messages", "is an empty conversation")
-    out: list[dict[str, str]] = []
-    for k, message in enumerate(value):
-        if not isinstance(message, Mapping):
-            raise _Invalid(
-                "messages",
-                f"message {k}: expected a {{role, content}} object, got {_describe(message)}",
-            )
-        for key in ("role", "content"):
-            if key not in message:
-                raise _Invalid("messages", f"message {k}: has no {key!r}")
-        others = sorted(
-            str(key)
-            for key, v in message.items()
-            if key not in ("role", "content") and v is not None
-        )
-        if others:
-            raise _Invalid(
-                "messages",
-                f"message {k}: has key(s) {others}; a message holds only role and content",
-            )
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise _Invalid("messages", f"message {k}: role {role!r} is not one of {list(ROLES)}")
-        if not isinstance(content, str):
-            raise _Invalid(
-                "messages", f"message {k}: content must be a string, got {_describe(content)}"
-            )
-        out.append({"role": role, "content": content})
-    if last_turn(out, "user") is None:
-        raise _Invalid("messages", "the conversation has no user turn")
-    return out
-
-
-def _messages_from_prompt(
-    prompt: str, input_text: str | None, response: str | None, system: str | None
-) -> list[dict[str, str]]:
-    """A conversation from single-turn fields (Alpaca: a non-empty input after a blank line)."""
-    if not prompt.strip():
-        raise _Invalid("prompt", "is empty")
-    user = f"{prompt}\n\n{input_text}" if input_text and input_text.strip() else prompt
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": user})
-    if response is not None:
-        messages.append({"role": "assistant", "content": response})
-    return messages
-
-
-def _record_at(
-    data: _Input, plan: _Plan, values: Mapping[str, list[Any]], i: int
-) -> dict[str, Any]:
-    """Validate row `i` and build its record; errors name the file, the row and the field."""
-
-    def get(field: str) -> Any:
-        if field not in values:
-            return None
-        value = values[field][i]
-        if value is MISSING:
-            if field in plan.explicit:
-                raise _Invalid(field, f"column {plan.columns[field]!r} is missing from this row")
-            return None
-        return value
-
-    try:
-        if plan.conversation == "messages":
-            messages = _check_messages(get("messages"))
-            if not str(last_turn(messages, "user")).strip():
-                raise _Invalid("messages", "the last user turn is empty")
-        else:
-            messages = _messages_from_prompt(
-                str(_text("prompt", get("prompt"), nullable=False)),
-                _text("input", get("input"), nullable=True),
-                _text("response", get("response"), nullable=True),
-                _text("system", get("system"), nullable=True),
-            )
-        source = plan.source
-        if source is None:
-            source = str(_text("source", get("source"), nullable=False))
-            if not source.strip():
-                raise _Invalid("source", "is empty")
-        return make_record(
-            messages,
-            source=source,
-            reference=_reference_text(get("reference")),
-            parent_id=_text("parent_id", get("parent_id"), nullable=True),
-            model=_text("model", get("model"), nullable=True),
-        )
-    except _Invalid as bad:
-        raise RecordError(
-            data.where,
-            bad.problem,
-            line=data.line_of(i),
-            row=data.row_of(i),
-            field=bad.field,
-            column=plan.columns.get(bad.field),
-        ) from None
-
-
-def _extra_column(data: _Input, name: str) -> pl.Series:
-    """One extra JSON column as a typed Series; mixed types name the first clashing row."""
-    assert data.rows is not None
-    values = [row.get(name) for row in data.rows]
-    try:
-        return pl.Series(name, pa.array(values))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-        lo, hi = 1, len(values)  # find the shortest prefix that fails: its last row clashes
-        while lo < hi:
-            mid = (lo + hi) // 2
-            try:
-                pa.array(values[:mid])
-                lo = mid + 1
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-                hi = mid
-        bad = lo - 1
-        raise RecordError(
-            data.where,
-            f"value {_describe(values[bad])} does not fit the type of the rows before it ({exc})",
-            line=data.line_of(bad),
-            row=data.row_of(bad),
-            field=name,
-        ) from None
-
-
-def _extras_frame(data: _Input, names: Sequence[str]) -> pl.DataFrame:
-    if data.table is not None:
-        frame = pl.from_arrow(data.table.select(list(names)), rechunk=True)
-        assert isinstance(frame, pl.DataFrame)
-        return frame
-    return pl.DataFrame([_extra_column(data, name) for name in names])
-
-
 def read_records(
     path: str | Path,
     *,
@@ -657,37 +266,62 @@ def read_records(
     source: str | None = None,
     split: str = "train",
 ) -> pl.DataFrame:
-    """Read a dataset file into a validated records frame (core columns first, extras kept).
+    """Read a dataset file into a validated records frame: `gristmill.reader.read_records`.
 
-    `format` is one of jsonl, json, parquet, hf (inferred from the suffix, `.gz` allowed for
-    JSON; a directory is hf). A json file that is not an array is read as JSON lines.
-    `mapping` maps record fields to the input's columns: either `messages` (a list of
-    {role, content}) or `prompt` with optional `input` (Alpaca: appended after a blank line),
-    `response` and `system`; plus optional `reference`, `source`, `parent_id`, `model`.
-    Unmapped fields default to same-named columns. `source` (a constant) defaults to a
-    `source` column, else the file name without suffixes. `split` picks the split of an hf
-    dataset. Columns the mapping uses are consumed; other columns are kept as they are,
-    except those named like core columns (`id`, and `prompt`/`response` beside `messages`),
-    which are derived again. Every row is checked before anything is returned: the first
-    bad row raises RecordError naming the file, the row and the field.
+    The reader builds on this module, so it is imported when called.
     """
-    fmt = format if format is not None else infer_format(path)
-    if fmt not in INPUT_FORMATS:
-        raise ValueError(f"{path}: unknown format {fmt!r}; expected one of {list(INPUT_FORMATS)}")
-    data = load_rows(path, fmt, split)
-    if data.length == 0:
-        raise RecordError(data.where, "no records (the input is empty)")
-    plan = _plan(data, mapping, source, default_source(path))
-    values = {field: data.values(column) for field, column in plan.columns.items()}
-    core = records_frame(_record_at(data, plan, values, i) for i in range(data.length))
-    if not plan.extras:
-        return core
-    return pl.concat([core, _extras_frame(data, plan.extras)], how="horizontal")
+    from gristmill import reader
+
+    return reader.read_records(path, format=format, mapping=mapping, source=source, split=split)
 
 
 # --------------------------------------------------------------------------------------------
-# Validating frames (stage outputs)
+# Validating conversations and frames (inputs and stage outputs)
 # --------------------------------------------------------------------------------------------
+
+
+def check_messages(value: Any) -> list[dict[str, str]]:
+    """Check a conversation (a non-empty list of {role, content}); return it as plain dicts."""
+    problem = "expected a list of {role, content} messages"
+    if value is None:
+        raise InvalidValue("messages", f"is null, {problem}")
+    if not isinstance(value, list | tuple):
+        raise InvalidValue("messages", f"{problem}, got {describe_value(value)}")
+    if not value:
+        raise InvalidValue("messages", "is an empty conversation")
+    out: list[dict[str, str]] = []
+    for k, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise InvalidValue(
+                "messages",
+                f"message {k}: expected a {{role, content}} object, got {describe_value(message)}",
+            )
+        for key in ("role", "content"):
+            if key not in message:
+                raise InvalidValue("messages", f"message {k}: has no {key!r}")
+        others = sorted(
+            str(key)
+            for key, v in message.items()
+            if key not in ("role", "content") and v is not None
+        )
+        if others:
+            raise InvalidValue(
+                "messages",
+                f"message {k}: has key(s) {others}; a message holds only role and content",
+            )
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise InvalidValue(
+                "messages", f"message {k}: role {role!r} is not one of {list(ROLES)}"
+            )
+        if not isinstance(content, str):
+            raise InvalidValue(
+                "messages", f"message {k}: content must be a string, got {describe_value(content)}"
+            )
+        out.append({"role": role, "content": content})
+    if last_turn(out, "user") is None:
+        raise InvalidValue("messages", "the conversation has no user turn")
+    return out
 
 
 def _first_true(mask: pl.Series) -> int | None:
@@ -733,8 +367,8 @@ def validate_frame(df: pl.DataFrame, where: str) -> None:
     row = _first_true(~ok)
     if row is not None:
         try:
-            _check_messages(df["messages"][row].to_list())
-        except _Invalid as bad:
+            check_messages(df["messages"][row].to_list())
+        except InvalidValue as bad:
             raise RecordError(where, bad.problem, row=row, field="messages") from None
         raise RecordError(where, "is not a valid conversation", row=row, field="messages")
 

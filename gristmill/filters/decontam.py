@@ -44,14 +44,13 @@ from gristmill.filters.dedup import (
 from gristmill.filters.embed import TextField, check_text_field, field_source_column
 from gristmill.pipelines.stage import Map, StageConfig, StageContext
 from gristmill.pipelines.stats import ExtraStats, counts, first, summed
+from gristmill.reader import MISSING, load_rows
 from gristmill.records import (
     DROP_REASON,
     INPUT_FORMATS,
-    MISSING,
     RecordError,
     default_source,
     infer_format,
-    load_rows,
 )
 
 #: Columns the stage writes (null on clean rows).

@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,8 +50,9 @@ from gristmill.pipelines.stage import (
     class_path,
     fingerprint,
 )
+from gristmill.reader import SchemaDrift, iter_record_batches, read_records
 from gristmill.reaper import child_pids
-from gristmill.records import DROP_REASON, read_records, validate_frame
+from gristmill.records import DROP_REASON, validate_frame
 from gristmill.stages import stage_key
 
 log = logging.getLogger("gristmill.pipeline")
@@ -108,7 +109,7 @@ class Pipeline:
         self._lifecycle = threading.Lock()
         #: Engines this pipeline started in this process (it closes only those).
         self._started: dict[str, tuple[EngineSpec, list[int]]] = {}
-        self._input: pl.DataFrame | None = None
+        self._generated: pl.DataFrame | None = None
         self.input_fingerprint = fingerprint(
             "input",
             _input_identity(recipe.input),
@@ -222,25 +223,24 @@ class Pipeline:
 
     # ---- input --------------------------------------------------------------------------
     def input_parts(self) -> list[Path]:
-        """Split the input into parts of `part_rows` (once; later runs reuse them)."""
+        """Split the input into parts of `part_rows`, each written as soon as it is read
+        (once; later runs reuse them)."""
         done = self.layout.success(self.input_dir)
         if done.exists() and read_json(done).get("fingerprint") == self.input_fingerprint:
             return [self.input_dir / p for p in read_json(done)["parts"]]
         spec = self.recipe.input
-        frame = self.read_input()
         where = spec.path if spec.path is not None else f"input rows={spec.rows}"
-        clear_dir(self.input_dir)
-        names: list[str] = []
-        step = self.recipe.part_rows
-        for k, start in enumerate(range(0, max(frame.height, 1), step)):
-            names.append(part_name(k))
-            atomic_write_parquet(frame.slice(start, step), self.layout.part(self.input_dir, k))
+        try:
+            names, rows = self._write_input(self._input_batches())
+        except SchemaDrift as drift:
+            log.warning("%s; reading the input whole, so every part keeps one schema", drift)
+            names, rows = self._write_input(_slices(self._whole_input(), self.recipe.part_rows))
         atomic_write_json(
             {
                 "stage": "input",
                 "fingerprint": self.input_fingerprint,
                 "source": where,
-                "rows_out": frame.height,
+                "rows_out": rows,
                 "parts": names,
                 "finished_at": _now(),
             },
@@ -248,24 +248,59 @@ class Pipeline:
         )
         return [self.input_dir / n for n in names]
 
-    def read_input(self) -> pl.DataFrame:
-        """The recipe's input as records (or blank seed rows), read and validated once."""
-        if self._input is None:
+    def _write_input(self, batches: Iterable[pl.DataFrame]) -> tuple[list[str], int]:
+        """Write each batch as the next input part; the part names and the row count. A read
+        that fails part-way (a bad row further on) leaves no parts behind."""
+        clear_dir(self.input_dir)
+        names: list[str] = []
+        rows = 0
+        try:
+            for k, batch in enumerate(batches):
+                atomic_write_parquet(batch, self.layout.part(self.input_dir, k))
+                names.append(part_name(k))
+                rows += batch.height
+        except Exception:
+            clear_dir(self.input_dir)
+            raise
+        return names, rows
+
+    def _input_batches(self) -> Iterator[pl.DataFrame]:
+        """The recipe's input as records (or blank seed rows) in frames of `part_rows`, a
+        file read and validated as it goes (stopping at `limit`)."""
+        spec = self.recipe.input
+        if spec.path is None:
+            return _slices(self._generated_input(), self.recipe.part_rows)
+        return iter_record_batches(
+            spec.path,
+            rows=self.recipe.part_rows,
+            format=spec.format,
+            mapping=dict(spec.mapping),
+            source=spec.source,
+            limit=spec.limit,
+        )
+
+    def _generated_input(self) -> pl.DataFrame:
+        """Generator rows or blank seed rows, made once."""
+        if self._generated is None:
             spec = self.recipe.input
+            assert spec.rows is not None
             if spec.generator is not None:
-                assert spec.rows is not None
                 frame = generate_input(
                     spec.generator, rows=spec.rows, seed=self.recipe.seed, options=spec.options
                 )
-            elif spec.rows is not None:
-                frame = pl.DataFrame({"seed_index": pl.int_range(0, spec.rows, eager=True)})
             else:
-                assert spec.path is not None
-                frame = read_records(
-                    spec.path, format=spec.format, mapping=dict(spec.mapping), source=spec.source
-                )
-            self._input = frame.head(spec.limit) if spec.limit is not None else frame
-        return self._input
+                frame = pl.DataFrame({"seed_index": pl.int_range(0, spec.rows, eager=True)})
+            self._generated = frame.head(spec.limit) if spec.limit is not None else frame
+        return self._generated
+
+    def _whole_input(self) -> pl.DataFrame:
+        """The input file read whole (one schema for every row), cut to `limit`."""
+        spec = self.recipe.input
+        assert spec.path is not None
+        frame = read_records(
+            spec.path, format=spec.format, mapping=dict(spec.mapping), source=spec.source
+        )
+        return frame.head(spec.limit) if spec.limit is not None else frame
 
     def stage_input_parts(self, planned: PlannedStage) -> list[Path]:
         """Output parts of the stage before `planned` (which must be complete)."""
@@ -299,8 +334,8 @@ class Pipeline:
         done = self.layout.success(self.input_dir)
         if done.exists() and read_json(done).get("fingerprint") == self.input_fingerprint:
             available = set(pl.read_parquet_schema(self.layout.part(self.input_dir, 0)))
-        else:
-            available = set(self.read_input().columns)
+        else:  # the first batch has every part's columns (its block is read and checked)
+            available = set(next(self._input_batches()).columns)
         for planned in self.stages:
             planned.stage.check_columns(
                 sorted(available), where=f"stage {planned.index} ({planned.name})"
@@ -524,6 +559,12 @@ def _merged_extra(planned: PlannedStage, extras: list[dict[str, Any]]) -> dict[s
     if "parts" in merged:
         raise RuntimeError(f"stage {planned.name!r}: its Stats may not have a field 'parts'")
     return merged
+
+
+def _slices(frame: pl.DataFrame, rows: int) -> Iterator[pl.DataFrame]:
+    """`frame` in slices of `rows` rows; an empty frame is one empty slice (one part)."""
+    for start in range(0, max(frame.height, 1), rows):
+        yield frame.slice(start, rows)
 
 
 def _split_drops(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
