@@ -40,6 +40,7 @@ from gristmill.pipelines.checkpoint import (
 from gristmill.pipelines.decision import Decision, apply, decide, projection, split_drops
 from gristmill.pipelines.generators import generate_input
 from gristmill.pipelines.layout import RunLayout, part_name
+from gristmill.pipelines.memory import release_freed_memory
 from gristmill.pipelines.output import FinishedRun, write_dataset
 from gristmill.pipelines.parts import common_schema, cut_into_parts, read_part
 from gristmill.pipelines.recipe import Input, Recipe
@@ -346,6 +347,7 @@ class Pipeline:
 
     def finish_map_stage(self, planned: PlannedStage, seconds: float) -> dict[str, Any]:
         """Aggregate part stats into `_SUCCESS.json` once every part exists."""
+        release_freed_memory()  # what the parts freed (an index built once per process stays)
         inputs = self.stage_input_parts(planned)
         names = [part_name(k) for k in range(len(inputs))]
         missing = [n for k, n in enumerate(names) if not self.layout.part(planned.dir, k).exists()]
@@ -398,6 +400,7 @@ class Pipeline:
                 stage=planned.name,
             )
             del data, result  # only the decision stays while the output is written
+            release_freed_memory()  # and the stage's working set goes back to the OS
             kept = self._joined_parts(planned, decision, inputs, schema, dropped)
         else:  # nothing to select from: an empty output that keeps the input's columns
             compute = 0.0
