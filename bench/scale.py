@@ -17,7 +17,8 @@ The input (seeded, so every run of the same N writes the same file):
   pool problem).
 
 GSM8K comes from `../shared/datasets/gsm8k/train.jsonl`; without it, the committed slice
-`tests/filters/data/gsm8k_train_20_119.jsonl` (100 problems: rows are then three problems).
+`tests/filters/data/gsm8k_train_20_119.jsonl` (100 problems: a unique row then asks as many
+problems at once as it takes to keep rows distinct, three or four), or `--gsm8k PATH`.
 
     .venv/bin/python bench/scale.py                       # 1,000,000 and 200,000 rows
     .venv/bin/python bench/scale.py --rows 200000         # 200,000 and 40,000 rows
@@ -40,6 +41,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
 import json
+import math
 import resource
 import shutil
 import subprocess
@@ -121,8 +123,10 @@ def synthetic_rows(
         4, size=n, p=[1 - mix.exact - mix.near - mix.planted, mix.exact, mix.near, mix.planted]
     )
     kinds[0] = 0  # a copy needs an earlier unique row
-    parts = 2 if len(pool) ** 2 >= 4 * n else 3
     unique = int((kinds == 0).sum())
+    parts = 2
+    while math.perm(len(pool), parts) < 4 * unique:
+        parts += 1
     combos = _distinct_tuples(len(pool), parts, unique, rng)
     questions: list[str] = []
     answers: list[str] = []
@@ -159,10 +163,10 @@ def _distinct_tuples(size: int, parts: int, count: int, rng: np.random.Generator
 
 
 def write_inputs(
-    folder: Path, n: int, *, eval_rows: int, seed: int, mix: Mix
+    folder: Path, n: int, *, gsm8k: Path | None, eval_rows: int, seed: int, mix: Mix
 ) -> tuple[Path, Path, str]:
     """The synthetic input and the eval file in `folder`; also says which GSM8K was used."""
-    source = next((p for p in SHARED_GSM8K if p.exists()), COMMITTED_GSM8K)
+    source = gsm8k or next((p for p in SHARED_GSM8K if p.exists()), COMMITTED_GSM8K)
     rows = read_gsm8k(source)
     held = max(1, min(eval_rows, len(rows) // 5))
     pool, evals = rows[:-held], rows[-held:]
@@ -291,7 +295,7 @@ def measure(n: int, folder: Path, args: argparse.Namespace) -> Measured:
     """Write the input for N rows, run the recipe on it, read back the stats."""
     made = time.perf_counter()
     data, eval_path, source = write_inputs(
-        folder, n, eval_rows=args.eval_rows, seed=args.seed, mix=Mix()
+        folder, n, gsm8k=args.gsm8k, eval_rows=args.eval_rows, seed=args.seed, mix=Mix()
     )
     print(f"N={n:,}: input written in {time.perf_counter() - made:.1f}s from {source}", flush=True)
     recipe = folder / f"scale-{n}.yaml"
@@ -374,6 +378,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-small", action="store_true", help="skip the N/5 run")
     parser.add_argument("--part-rows", type=int, default=20_000, help="recipe part_rows")
     parser.add_argument("--budget", type=float, default=0.5, help="random's budget (share)")
+    parser.add_argument(
+        "--gsm8k", type=Path, help="GSM8K train.jsonl (default: ../shared, else the slice)"
+    )
     parser.add_argument("--eval-rows", type=int, default=1000, help="held-out eval problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--poll-s", type=float, default=0.1, help="RSS sampling interval")
