@@ -153,6 +153,11 @@ class SemanticDedup(Select):
     def requires(self) -> tuple[str, ...]:
         return ("id", field_source_column(self.config.field))
 
+    def reads(self) -> tuple[str, ...]:
+        """The ids, the embedded field and a stored embedding column."""
+        column = self.config.embedding_column
+        return (*self.requires(), *((column,) if column is not None else ()))
+
     def produces(self) -> tuple[str, ...]:
         return ("min_neighbor_distance", "repeat_count", "duplicate_of")
 
@@ -406,6 +411,10 @@ class ExactDedup(Select):
     def requires(self) -> tuple[str, ...]:
         return _required_columns(self.config.fields)
 
+    def reads(self) -> tuple[str, ...]:
+        """The ids (named in `duplicate_of`) and the compared texts."""
+        return _required_columns(self.config.fields)
+
     def produces(self) -> tuple[str, ...]:
         return ("duplicate_of",)
 
@@ -595,6 +604,10 @@ class MinHashDedup(Select):
     config: MinHashDedupConfig
 
     def requires(self) -> tuple[str, ...]:
+        return _required_columns(self.config.fields)
+
+    def reads(self) -> tuple[str, ...]:
+        """The ids (named in `duplicate_of`) and the shingled texts."""
         return _required_columns(self.config.fields)
 
     def produces(self) -> tuple[str, ...]:

@@ -26,10 +26,17 @@ import pyarrow.parquet as pq
 import yaml
 
 from gristmill import __version__
-from gristmill.pipelines.checkpoint import atomic_write_json, atomic_write_text, read_parts
+from gristmill.pipelines.checkpoint import atomic_write_json, atomic_write_text, parquet_rows
 from gristmill.pipelines.layout import RunLayout
+from gristmill.pipelines.parts import common_schema, cut_into_parts, read_part
 from gristmill.pipelines.recipe import Recipe
-from gristmill.records import empty_trainer_frame, trainer_frame, write_table
+from gristmill.records import (
+    RecordError,
+    TrainerFormat,
+    empty_trainer_frame,
+    trainer_frame,
+    write_table,
+)
 
 VERSIONED_PACKAGES = (
     "gristmill",
@@ -60,29 +67,39 @@ class FinishedRun:
 
 
 def write_dataset(run: FinishedRun) -> Path:
-    """Write RUN/dataset and RUN/manifest.json from the last stage's output."""
+    """Write RUN/dataset and RUN/manifest.json from the last stage's output, one shard of
+    `shard_rows` at a time (read part by part: memory holds a shard, not the dataset)."""
     recipe = run.recipe
-    frame = read_parts(run.final_parts)
-    drop = [c for c in recipe.output.drop_columns if c in frame.columns]
-    frame = frame.drop(drop)
-    if recipe.output.format != "records":
-        fmt = recipe.output.format
-        frame = trainer_frame(frame, fmt) if frame.height else empty_trainer_frame(fmt)
+    fmt = recipe.output.format
+    schema = common_schema(run.final_parts)
+    columns = [c for c in schema if c not in recipe.output.drop_columns]
+    rows = sum(parquet_rows(p) for p in run.final_parts)  # every format keeps the row count
+    step = recipe.output.shard_rows
+    shards = max(1, -(-rows // step))
+    parts = (read_part(p, schema, columns) for p in run.final_parts)
     target = run.layout.dataset_dir
     tmp = Path(tempfile.mkdtemp(prefix=".dataset.", dir=run.layout.root))
     try:
         data_dir = tmp / run.layout.dataset_data.name
         data_dir.mkdir()
-        step = recipe.output.shard_rows
-        shards = max(1, -(-frame.height // step))
-        files = []
-        for k in range(shards):
+        files: list[str] = []
+        written: list[str] = []
+        for k, shard in enumerate(cut_into_parts(parts, step)):
+            if fmt != "records":
+                shard = _trainer_shard(shard, fmt, first_row=k * step)
             name = f"{recipe.output.split}-{k:05d}-of-{shards:05d}.parquet"
-            write_table(frame.slice(k * step, step), data_dir / name)
+            write_table(shard, data_dir / name)
             files.append(name)
-        manifest = _manifest(run, frame, files)
+            written = shard.columns
+        if not files:  # no parts at all: an empty shard with the format's columns
+            empty = pl.DataFrame(schema={c: schema[c] for c in columns})
+            shard = empty_trainer_frame(fmt) if fmt != "records" else empty
+            files.append(f"{recipe.output.split}-00000-of-00001.parquet")
+            write_table(shard, data_dir / files[0])
+            written = shard.columns
+        manifest = _manifest(run, rows, written, files)
         atomic_write_text(
-            _card(recipe, frame, files, manifest, _features(data_dir / files[0])),
+            _card(recipe, rows, files, manifest, _features(data_dir / files[0])),
             tmp / "README.md",
         )
         if target.exists():
@@ -95,7 +112,23 @@ def write_dataset(run: FinishedRun) -> Path:
     return target
 
 
-def _manifest(run: FinishedRun, frame: pl.DataFrame, files: list[str]) -> dict[str, Any]:
+def _trainer_shard(shard: pl.DataFrame, fmt: TrainerFormat, *, first_row: int) -> pl.DataFrame:
+    """One shard in a trainer format; a bad row is named by its place in the whole dataset."""
+    if not shard.height:
+        return empty_trainer_frame(fmt)
+    try:
+        return trainer_frame(shard, fmt)
+    except RecordError as exc:
+        if exc.row is None:
+            raise
+        raise RecordError(
+            exc.where, exc.problem, row=exc.row + first_row, field=exc.field, column=exc.column
+        ) from None
+
+
+def _manifest(
+    run: FinishedRun, rows: int, columns: Sequence[str], files: list[str]
+) -> dict[str, Any]:
     recipe = run.recipe
     data = run.layout.dataset_data.name
     return {
@@ -118,8 +151,8 @@ def _manifest(run: FinishedRun, frame: pl.DataFrame, files: list[str]) -> dict[s
         "dataset": {
             "dir": run.layout.dataset_dir.name,
             "files": [f"{data}/{f}" for f in files],
-            "rows": frame.height,
-            "columns": frame.columns,
+            "rows": rows,
+            "columns": list(columns),
             "fingerprint": run.stages[-1]["fingerprint"],
         },
         "versions": _versions(),
@@ -157,7 +190,7 @@ def _features(path: Path) -> list[dict[str, Any]]:
 
 def _card(
     recipe: Recipe,
-    frame: pl.DataFrame,
+    rows: int,
     files: list[str],
     manifest: dict[str, Any],
     features: list[dict[str, Any]],
@@ -173,9 +206,9 @@ def _card(
         ],
         "dataset_info": {
             "features": features,
-            "splits": [{"name": split, "num_examples": frame.height}],
+            "splits": [{"name": split, "num_examples": rows}],
         },
-        "size_categories": [_size_category(frame.height)],
+        "size_categories": [_size_category(rows)],
         "tags": ["synthetic", "gristmill", *[s.name for s in recipe.stages]],
         "models": models,
     }
@@ -192,7 +225,7 @@ def _card(
         + "---\n\n"
         + f"# {recipe.name}\n\n"
         + f"Made by gristmill {__version__} from recipe `{recipe.name}` (seed {recipe.seed}); "
-        + f"{frame.height} rows in {len(files)} file(s).\n\n"
+        + f"{rows} rows in {len(files)} file(s).\n\n"
         + "```python\nfrom datasets import load_dataset\n"
         + 'ds = load_dataset("parquet", data_dir="dataset/data", split="train")\n```\n\n'
         + "## Funnel\n\n| # | stage | rows in | rows out | dropped |\n|---|---|---|---|---|\n"

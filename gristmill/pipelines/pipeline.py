@@ -35,11 +35,14 @@ from gristmill.pipelines.checkpoint import (
     clear_dir,
     parquet_rows,
     read_json,
-    scan_parts,
+    read_parts,
 )
+from gristmill.pipelines.decision import Decision, apply, decide, projection, split_drops
 from gristmill.pipelines.generators import generate_input
 from gristmill.pipelines.layout import RunLayout, part_name
+from gristmill.pipelines.memory import release_freed_memory
 from gristmill.pipelines.output import FinishedRun, write_dataset
+from gristmill.pipelines.parts import common_schema, cut_into_parts, read_part
 from gristmill.pipelines.recipe import Input, Recipe
 from gristmill.pipelines.stage import (
     ROW_COLUMN,
@@ -354,7 +357,7 @@ class Pipeline:
         start = time.perf_counter()
         result = planned.stage.process(batch, ctx) if batch.height else batch
         seconds = time.perf_counter() - start
-        kept, rejected = _split_drops(result)
+        kept, rejected = split_drops(result)
         if kept.height:
             _check_produced(planned, kept)
             if _is_records(kept):
@@ -379,6 +382,7 @@ class Pipeline:
 
     def finish_map_stage(self, planned: PlannedStage, seconds: float) -> dict[str, Any]:
         """Aggregate part stats into `_SUCCESS.json` once every part exists."""
+        release_freed_memory()  # what the parts freed (an index built once per process stays)
         inputs = self.stage_input_parts(planned)
         names = [part_name(k) for k in range(len(inputs))]
         missing = [n for k, n in enumerate(names) if not self.layout.part(planned.dir, k).exists()]
@@ -407,56 +411,87 @@ class Pipeline:
 
     # ---- global stages ------------------------------------------------------------------
     def run_global(self, planned: PlannedStage) -> dict[str, Any]:
-        """Run a whole-dataset stage (always from scratch: it is atomic)."""
-        assert isinstance(planned.stage, Select)
+        """Run a whole-dataset stage (always from scratch: it is atomic). The stage sees the
+        columns it `reads()`; its decision is joined back onto the input part by part."""
+        stage = planned.stage
+        assert isinstance(stage, Select)
         inputs = self.stage_input_parts(planned)
         clear_dir(planned.dir)
-        data = scan_parts(inputs)
         rows_in = sum(parquet_rows(p) for p in inputs)
         ctx = self.context(planned)
         start = time.perf_counter()
+        dropped: Counter[str] = Counter()
         if rows_in:
-            indexed = data.with_row_index(ROW_COLUMN).collect()
-            chosen = planned.stage.select(indexed, ctx)
-            if ROW_COLUMN not in chosen.columns:
-                raise RuntimeError(
-                    f"stage {planned.name!r} dropped the internal column {ROW_COLUMN!r}"
-                )
-            kept, specific = _split_drops(chosen)
-            decided = pl.concat([kept.select(ROW_COLUMN), specific.select(ROW_COLUMN)])
-            unselected = indexed.join(decided, on=ROW_COLUMN, how="anti").with_columns(
-                pl.lit("not_selected").alias(DROP_REASON)
+            schema = common_schema(inputs)
+            projected = projection(stage.reads(), schema)
+            data = _indexed_input(inputs, schema, projected)
+            result = stage.select(data, ctx)
+            compute = time.perf_counter() - start
+            decision = decide(
+                result,
+                rows=rows_in,
+                projected=projected,
+                produced=stage.produces(),
+                stage=planned.name,
             )
-            rejected = pl.concat([specific, unselected], how="diagonal_relaxed").sort(ROW_COLUMN)
-            kept = kept.sort(ROW_COLUMN).drop(ROW_COLUMN)
-            rejected = rejected.drop(ROW_COLUMN)
+            del data, result  # only the decision stays while the output is written
+            release_freed_memory()  # and the stage's working set goes back to the OS
+            kept = self._joined_parts(planned, decision, inputs, schema, dropped)
         else:  # nothing to select from: an empty output that keeps the input's columns
-            kept, rejected = data.collect(), pl.DataFrame()
-        seconds = time.perf_counter() - start
-        if kept.height:
-            _check_produced(planned, kept)
-            if _is_records(kept):
-                validate_frame(kept, where=planned.dir.name)
-        names = []
-        step = self.recipe.part_rows
-        for k, begin in enumerate(range(0, max(kept.height, 1), step)):
-            names.append(part_name(k))
-            atomic_write_parquet(kept.slice(begin, step), self.layout.part(planned.dir, k))
-        if rejected.height:
-            atomic_write_parquet(rejected, self.layout.rejected(planned.dir, 0))
+            compute = 0.0
+            kept = iter([read_parts(inputs)])
+        names, rows_out = self._write_global_parts(planned, kept)
         summary = self._summary(
             planned,
             rows_in=rows_in,
-            rows_out=kept.height,
-            dropped=_drop_counts(rejected),
+            rows_out=rows_out,
+            dropped=dict(sorted(dropped.items())),
             parts=names,
-            seconds=seconds,
-            compute_seconds=seconds,
+            seconds=time.perf_counter() - start,
+            compute_seconds=compute,
             engine=ctx.engine_stats.snapshot(),
             extra=ctx.extra_stats,
         )
         atomic_write_json(summary, self.layout.success(planned.dir))
         return summary
+
+    def _joined_parts(
+        self,
+        planned: PlannedStage,
+        decision: Decision,
+        inputs: Sequence[Path],
+        schema: pl.Schema,
+        dropped: Counter[str],
+    ) -> Iterator[pl.DataFrame]:
+        """Each input part's kept rows under `decision`; its rejected rows are written to
+        `rejected/` under the part's number and counted in `dropped`."""
+        offset = 0
+        for k, path in enumerate(inputs):
+            part = read_part(path, schema, index=ROW_COLUMN, offset=offset)
+            offset += part.height
+            kept, rejected = apply(decision, part)
+            if rejected.height:
+                atomic_write_parquet(rejected, self.layout.rejected(planned.dir, k))
+                dropped.update(_drop_counts(rejected))
+            yield kept
+
+    def _write_global_parts(
+        self, planned: PlannedStage, frames: Iterator[pl.DataFrame]
+    ) -> tuple[list[str], int]:
+        """Write kept rows as parts of `part_rows` (at least one, maybe empty), each checked
+        as a map part is; the part names and the rows written."""
+        names: list[str] = []
+        rows = 0
+        for k, frame in enumerate(cut_into_parts(frames, self.recipe.part_rows)):
+            out = self.layout.part(planned.dir, k)
+            if frame.height:
+                _check_produced(planned, frame)
+                if _is_records(frame):
+                    validate_frame(frame, where=f"{planned.dir.name}/{out.name}")
+            atomic_write_parquet(frame, out)
+            names.append(out.name)
+            rows += frame.height
+        return names, rows
 
     def _summary(self, planned: PlannedStage, **stats: Any) -> dict[str, Any]:
         return {
@@ -526,6 +561,19 @@ class Pipeline:
         return [last.dir / p for p in success["parts"]]
 
 
+def _indexed_input(
+    inputs: Sequence[Path], schema: pl.Schema, columns: Sequence[str] | None
+) -> pl.DataFrame:
+    """The whole input with ROW_COLUMN first, then `columns` (None: every column)."""
+    frames = []
+    offset = 0
+    for path in inputs:
+        if parquet_rows(path):
+            frames.append(read_part(path, schema, columns, index=ROW_COLUMN, offset=offset))
+            offset += frames[-1].height
+    return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+
 def stage_line(summary: dict[str, Any]) -> str:
     """One human line: rows in → out, drops by reason, time, engine throughput."""
     return _stage_line(summary)
@@ -565,14 +613,6 @@ def _slices(frame: pl.DataFrame, rows: int) -> Iterator[pl.DataFrame]:
     """`frame` in slices of `rows` rows; an empty frame is one empty slice (one part)."""
     for start in range(0, max(frame.height, 1), rows):
         yield frame.slice(start, rows)
-
-
-def _split_drops(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    if DROP_REASON not in frame.columns:
-        return frame, frame.head(0)
-    dropped = frame.filter(pl.col(DROP_REASON).is_not_null())
-    kept = frame.filter(pl.col(DROP_REASON).is_null()).drop(DROP_REASON)
-    return kept, dropped
 
 
 def _drop_counts(rejected: pl.DataFrame) -> dict[str, int]:

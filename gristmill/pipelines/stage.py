@@ -282,9 +282,22 @@ class Select(Stage):
     with the internal ROW_COLUMN that the result must keep. Rows absent from the result go
     to `rejected/` with drop reason `not_selected`; a result may also keep rows with a
     non-null `drop_reason` to give a more specific reason.
+
+    A stage that names its columns in `reads()` gets only those (the ones the input has, in
+    input order, after ROW_COLUMN; `drop_reason` too when the input has it), and its result
+    is a decision: the pipeline takes from it the row index, `drop_reason`, the columns the
+    stage added and those it lists in `produces()`, and joins them back onto the full input
+    rows part by part, so memory grows with the columns read, not with every column. Every
+    other column of a kept row is the input's, unchanged: a stage that rewrites a column it
+    reads must list it in `produces()`. The default, None, passes every column and writes
+    the result as it is.
     """
 
     kind: ClassVar[str] = "select"
+
+    def reads(self) -> tuple[str, ...] | None:
+        """The input columns `select` looks at (absent ones are skipped); None: all of them."""
+        return None
 
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Choose rows of `data`."""

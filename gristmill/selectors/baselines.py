@@ -54,6 +54,10 @@ class RandomSelect(Select):
     Config: ClassVar[type[StageConfig]] = RandomConfig
     config: RandomConfig
 
+    def reads(self) -> tuple[str, ...]:
+        """Nothing but the row count."""
+        return ()
+
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Sample rows uniformly; return them in input order."""
         n = data.height
@@ -90,6 +94,10 @@ class TopKSelect(Select):
 
     def requires(self) -> tuple[str, ...]:
         return (self.config.score_column,)
+
+    def reads(self) -> tuple[str, ...]:
+        """The score, and the ids that name a row without one."""
+        return ("id", self.config.score_column)
 
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Rank by score (stable, so earlier rows win ties); return the top in input order."""

@@ -271,6 +271,10 @@ class GrapeSelect(Select):
     def requires(self) -> tuple[str, ...]:
         return ("messages",) if self.config.group_by == "prompt" else ("messages", "parent_id")
 
+    def reads(self) -> tuple[str, ...]:
+        """The conversations, the groups' lineage and the ids."""
+        return ("id", "messages", "parent_id")
+
     def produces(self) -> tuple[str, ...]:
         return (SCORE, TOKENS, RANK)
 

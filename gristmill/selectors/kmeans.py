@@ -391,6 +391,19 @@ class KMeansSelect(Select):
             cols += [c for c in scorer.requires() if c not in cols]
         return tuple(cols)
 
+    def reads(self) -> tuple[str, ...] | None:
+        """The ids, the embedded field, a stored embedding and the quality score; every
+        column when a scorer runs (a scorer stage sees whole rows)."""
+        cfg = self.config
+        if cfg.scorer_stage() is not None:
+            return None
+        cols = ["id", field_source_column(cfg.field)]
+        if cfg.embedding_column is not None:
+            cols.append(cfg.embedding_column)
+        if cfg.weighting == "quality" and cfg.score_column:
+            cols.append(cfg.score_column)
+        return tuple(cols)
+
     def produces(self) -> tuple[str, ...]:
         scorer = self.config.scorer_stage()
         return ("cluster", *(scorer.produces() if scorer is not None else ()))

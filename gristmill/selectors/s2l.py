@@ -643,6 +643,10 @@ class S2LSelect(Select):
             cols.append(self.config.source_field)
         return tuple(cols)
 
+    def reads(self) -> tuple[str, ...]:
+        """The ids, the conversations and the source field."""
+        return self.requires()
+
     def produces(self) -> tuple[str, ...]:
         return ("cluster", "s2l_loss")
 
