@@ -12,8 +12,9 @@ normalisation (NFKC, lowercase, whitespace collapsed; punctuation stripping opti
 
 `minhash_dedup` (drop reason `near_duplicate`, column `duplicate_jaccard`) estimates the
 Jaccard similarity of shingle sets (Broder 1997) with datasketch's MinHash permutations
-("affine32" scheme) and finds candidates with datasketch's `MinHashLSH`; a candidate counts
-only if its estimated Jaccard (share of equal MinHash values) is at least the threshold,
+("affine32" scheme) and finds the candidates datasketch's `MinHashLSH` would (its bands,
+computed as a join of band keys: see filters.lsh); a candidate counts only if its
+estimated Jaccard (share of equal MinHash values) is at least the threshold,
 which cuts the LSH's false positives. Shingles are word (or character) n-grams of each
 field; a text shorter than n tokens is one shingle; rows with no tokens at all are left to
 `exact_dedup`. Shingle hashing is vectorised with numpy (a stable per-word hash, combined
@@ -54,6 +55,7 @@ from gristmill.filters.embed import (
     field_source_column,
     frame_embeddings,
 )
+from gristmill.filters.lsh import lsh_duplicates
 from gristmill.pipelines.stage import Select, StageConfig, StageContext
 from gristmill.records import DROP_REASON
 
@@ -540,43 +542,31 @@ class NearDuplicates:
 
     duplicate_of: np.ndarray  # int64 row index of the kept twin, -1 if kept
     jaccard: np.ndarray  # float64 estimated Jaccard with that twin, NaN if kept
-    candidates: int  # LSH candidate pairs checked
+    candidates: int  # LSH candidate pairs checked (an identical signature counts as one)
     rejected_candidates: int  # of them, below the threshold (LSH false positives)
     bands: int
     rows_per_band: int
 
 
 def greedy_near_duplicates(
-    signatures: np.ndarray, empty: np.ndarray, *, threshold: float, seed: int
+    signatures: np.ndarray, empty: np.ndarray, *, threshold: float
 ) -> NearDuplicates:
     """Walk rows in order; a row duplicates the earliest KEPT row that LSH proposes and
-    whose estimated Jaccard is >= threshold; kept rows enter the index, duplicates do not."""
-    from datasketch import LeanMinHash, MinHashLSH
+    whose estimated Jaccard is >= threshold; kept rows enter the index, duplicates do not.
 
-    n, num_perm = signatures.shape
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    need = threshold * num_perm - 1e-9  # equal values needed, without float surprises
-    duplicate_of = np.full(n, -1, dtype=np.int64)
-    jaccard = np.full(n, np.nan)
-    checked = rejected = 0
-    for row in range(n):
-        if empty[row]:
-            continue
-        sketch = LeanMinHash(seed=seed, hashvalues=signatures[row], scheme="affine32")
-        found = lsh.query(sketch)
-        if found:
-            cands = np.fromiter(found, dtype=np.int64, count=len(found))
-            equal = np.count_nonzero(signatures[cands] == signatures[row], axis=1)
-            ok = equal >= need
-            checked += len(cands)
-            rejected += int((~ok).sum())
-            if ok.any():
-                twin = int(cands[ok].min())
-                duplicate_of[row] = twin
-                jaccard[row] = float(equal[cands == twin][0]) / num_perm
-                continue
-        lsh.insert(row, sketch)
-    return NearDuplicates(duplicate_of, jaccard, checked, rejected, lsh.b, lsh.r)
+    Computed with band-key joins (see filters.lsh), with datasketch's bands and results.
+    """
+    result = lsh_duplicates(signatures, empty, threshold=threshold)
+    twins = result.duplicate_of
+    jaccard = np.where(twins >= 0, result.equal / signatures.shape[1], np.nan)
+    return NearDuplicates(
+        twins,
+        jaccard,
+        result.candidates,
+        result.below_threshold,
+        result.banding.bands,
+        result.banding.rows,
+    )
 
 
 class MinHashDedup(Select):
@@ -620,7 +610,7 @@ class MinHashDedup(Select):
         start = time.perf_counter()
         signatures, empty = self.signatures(data)
         hashed = time.perf_counter()
-        near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold, seed=cfg.seed)
+        near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold)
         ctx.extra_stats.update(
             {
                 "rows": data.height,
