@@ -232,11 +232,19 @@ def normalize_expr(
     return text
 
 
+def _nfkc(texts: pl.Series) -> pl.Series:
+    """Unicode NFKC of every text; pure-ASCII texts, which NFKC leaves as they are, skip it."""
+    wide = (texts.str.len_bytes() != texts.str.len_chars()).arg_true()
+    if not len(wide):
+        return texts
+    return texts.clone().scatter(wide, texts.gather(wide).str.normalize("NFKC"))
+
+
 def text_tokens(texts: pl.Series, unit: TokenUnit = "word") -> pl.Series:
     """Each text's tokens (a list of strings) after NFKC and lowercasing: `word` keeps runs
     of letters/digits/underscore and drops punctuation (`don't` -> don, t; `3.5` -> 3, 5);
     `char` keeps every character with whitespace runs collapsed to one space. Null -> []."""
-    norm = texts.cast(pl.String).fill_null("").str.normalize("NFKC").str.to_lowercase()
+    norm = _nfkc(texts.cast(pl.String).fill_null("")).str.to_lowercase()
     if unit == "word":
         return norm.str.extract_all(WORD_PATTERN)
     return norm.str.replace_all(r"\s+", " ").str.strip_chars().str.split("")
@@ -306,6 +314,18 @@ def ngram_windows(
     position = np.arange(n_tokens, dtype=np.int64) - offsets[text_of]
     room = lengths[text_of] - position  # tokens from here to the end of the text
     acc = np.zeros(n_tokens, dtype=np.uint64)
+    if len(wanted) == 1:  # one window per start at most: no sort needed
+        n = wanted[0]
+        for j in range(n):
+            acc[: n_tokens - j] += np.where(
+                room[: n_tokens - j] > j, values[j:] * _WINDOW_MULTIPLIERS[j], np.uint64(0)
+            )
+        fits = room >= n
+        if whole_texts_from is not None:  # a short text's sum stopped at its last token
+            short = lengths[text_of]
+            fits |= (position == 0) & (short >= whole_texts_from) & (short < n)
+        at = np.flatnonzero(fits)
+        return Windows(acc[at], text_of[at], position[at], np.minimum(room[at], n))
     parts: list[tuple[np.ndarray, np.ndarray, int]] = []  # (flat starts, hashes, size)
     for j in range(wanted[-1]):
         contrib = values[j:] * _WINDOW_MULTIPLIERS[j]
