@@ -56,6 +56,7 @@ from gristmill.filters.embed import (
     frame_embeddings,
 )
 from gristmill.filters.lsh import lsh_duplicates
+from gristmill.filters.ngrams import BASE, TokenWindows
 from gristmill.pipelines.stage import Select, StageConfig, StageContext
 from gristmill.records import DROP_REASON
 
@@ -280,9 +281,8 @@ def token_hashes(tokens: pl.Series) -> TokenHashes:
 
 
 #: Odd 64-bit multipliers, one per window position: a window's hash is sum(h_j * M_j) mod 2^64.
-_WINDOW_MULTIPLIERS = np.array(
-    [(pow(0x9E3779B97F4A7C15, j + 1, 1 << 64) | 1) for j in range(256)], dtype=np.uint64
-)
+#: M_j = BASE^(j+1), odd since BASE is (the `| 1` never changes it).
+_WINDOW_MULTIPLIERS = np.array([(pow(BASE, j + 1, 1 << 64) | 1) for j in range(256)], np.uint64)
 
 
 @dataclass(frozen=True)
@@ -303,50 +303,36 @@ def ngram_windows(
     With `whole_texts_from=m`, a text of at least m but fewer than max(sizes) tokens also
     counts as one window of its own length (a short text is one n-gram). Equal token
     sequences get equal hashes in every process; different ones collide with odds 2^-64.
+    A window's hash is sum_j h_j * _WINDOW_MULTIPLIERS[j], from prefix sums (filters.ngrams).
     """
     wanted = sorted(set(sizes))
     if not wanted or wanted[0] < 1 or wanted[-1] > len(_WINDOW_MULTIPLIERS):
         raise ValueError(f"window sizes must be in [1, {len(_WINDOW_MULTIPLIERS)}], got {wanted}")
-    values, lengths = tokens.values, tokens.lengths
-    n_tokens = len(values)
-    text_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-    offsets = tokens.offsets
-    position = np.arange(n_tokens, dtype=np.int64) - offsets[text_of]
-    room = lengths[text_of] - position  # tokens from here to the end of the text
-    acc = np.zeros(n_tokens, dtype=np.uint64)
-    if len(wanted) == 1:  # one window per start at most: no sort needed
-        n = wanted[0]
-        for j in range(n):
-            acc[: n_tokens - j] += np.where(
-                room[: n_tokens - j] > j, values[j:] * _WINDOW_MULTIPLIERS[j], np.uint64(0)
-            )
-        fits = room >= n
-        if whole_texts_from is not None:  # a short text's sum stopped at its last token
-            short = lengths[text_of]
-            fits |= (position == 0) & (short >= whole_texts_from) & (short < n)
-        at = np.flatnonzero(fits)
-        return Windows(acc[at], text_of[at], position[at], np.minimum(room[at], n))
-    parts: list[tuple[np.ndarray, np.ndarray, int]] = []  # (flat starts, hashes, size)
-    for j in range(wanted[-1]):
-        contrib = values[j:] * _WINDOW_MULTIPLIERS[j]
-        acc[: n_tokens - j] += np.where(room[: n_tokens - j] > j, contrib, np.uint64(0))
-        size = j + 1
-        if size in wanted:
-            at = np.flatnonzero(room >= size)
-        elif whole_texts_from is not None and size >= whole_texts_from:
-            at = offsets[lengths == size]
-        else:
-            continue
-        parts.append((at, acc[at].copy(), size))
-    if not parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return Windows(np.zeros(0, dtype=np.uint64), empty, empty, empty)
-    flat = np.concatenate([p[0] for p in parts])
-    hashes = np.concatenate([p[1] for p in parts])
-    size_of = np.concatenate([np.full(len(p[0]), p[2], dtype=np.int64) for p in parts])
-    order = np.lexsort((size_of, flat))
-    flat, hashes, size_of = flat[order], hashes[order], size_of[order]
-    return Windows(hashes, text_of[flat], position[flat], size_of)
+    layout = TokenWindows.of(tokens.values, tokens.lengths)
+    lengths = layout.lengths
+    short = np.zeros(len(lengths), dtype=bool)
+    if whole_texts_from is not None:  # texts of a wanted size have that window already
+        short = (lengths >= whole_texts_from) & (lengths < wanted[-1]) & (lengths > 0)
+        short &= ~np.isin(lengths, wanted)
+    if len(wanted) == 1:  # at most one window per start: no sort needed
+        fits = layout.room >= wanted[0]
+        fits[layout.offsets[short]] = True
+        flat = np.flatnonzero(fits)
+        size_of = np.minimum(layout.room[flat], wanted[0])
+    else:
+        starts = [layout.starts(size) for size in wanted] + [layout.offsets[short]]
+        flat = np.concatenate(starts)
+        size_of = np.concatenate(
+            [
+                np.full(len(at), size, dtype=np.int64)
+                for at, size in zip(starts, wanted, strict=False)
+            ]
+            + [lengths[short]]
+        )
+        order = np.lexsort((size_of, flat))
+        flat, size_of = flat[order], size_of[order]
+    hashes = layout.hashes(flat, size_of)
+    return Windows(hashes, layout.text_of[flat], layout.position[flat], size_of)
 
 
 def _check_fields(fields: tuple[str, ...], *, where: str) -> tuple[str, ...]:
