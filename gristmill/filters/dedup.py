@@ -39,6 +39,7 @@ The search is exact and brute force, O(n^2 d): fine to a few hundred thousand ro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Iterable
@@ -55,8 +56,9 @@ from gristmill.filters.embed import (
     field_source_column,
     frame_embeddings,
 )
-from gristmill.filters.lsh import lsh_duplicates
+from gristmill.filters.lsh import LshResult, lsh_duplicates
 from gristmill.filters.ngrams import BASE, TokenWindows
+from gristmill.pipelines.cluster import DaskCluster
 from gristmill.pipelines.stage import Select, StageConfig, StageContext
 from gristmill.records import DROP_REASON
 
@@ -418,26 +420,49 @@ class ExactDedup(Select):
         return ("duplicate_of",)
 
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
-        """Every row, with `duplicate_of`; later copies get drop reason `exact_duplicate`."""
+        """Every row, with `duplicate_of`; later copies get drop reason `exact_duplicate`.
+
+        On a Dask cluster (`ctx.cluster`) the keys are computed and grouped there.
+        """
         cfg = self.config
-        keys = data.select(
-            normalize_expr(
-                field_expr(f),
-                nfkc=cfg.nfkc,
-                lowercase=cfg.lowercase,
-                strip_punctuation=cfg.strip_punctuation,
-                collapse_whitespace=cfg.collapse_whitespace,
-            ).alias(f"key{i}")
-            for i, f in enumerate(cfg.fields)
-        ).with_row_index("row")
-        first = keys.select(pl.col("row").first().over([f"key{i}" for i in range(len(cfg.fields))]))
-        first_row = first.get_column("row").to_numpy().astype(np.int64)
+        texts = field_texts(data, cfg.fields)
+        if ctx.cluster is None:
+            keys = exact_keys(texts, cfg)
+            first = keys.with_row_index("row").select(pl.col("row").min().over(keys.columns))
+            first_row = first.to_series().to_numpy().astype(np.int64)
+        else:
+            from gristmill.filters.dedup_dask import first_rows_on_dask
+
+            with ctx.cluster.client() as client:
+                first_row = first_rows_on_dask(
+                    client, texts, functools.partial(exact_keys, cfg=cfg)
+                )
+            ctx.extra_stats["dask_scheduler"] = ctx.cluster.address
         rows = np.arange(data.height, dtype=np.int64)
         duplicate_of = np.where(first_row < rows, first_row, -1)
         ctx.extra_stats.update(
             {"rows": data.height, "fields": list(cfg.fields), **_cluster_stats(duplicate_of)}
         )
         return _with_duplicates(data, duplicate_of, "exact_duplicate")
+
+
+def field_texts(frame: pl.DataFrame, fields: tuple[str, ...]) -> pl.DataFrame:
+    """The fields' texts as String columns t0, t1, ... (what the dedup keys are made of)."""
+    return frame.select(field_expr(f).alias(f"t{i}") for i, f in enumerate(fields))
+
+
+def exact_keys(texts: pl.DataFrame, cfg: ExactDedupConfig) -> pl.DataFrame:
+    """The normalised texts (key0, key1, ...) that must all match for an exact duplicate."""
+    return texts.select(
+        normalize_expr(
+            pl.col(c),
+            nfkc=cfg.nfkc,
+            lowercase=cfg.lowercase,
+            strip_punctuation=cfg.strip_punctuation,
+            collapse_whitespace=cfg.collapse_whitespace,
+        ).alias(f"key{i}")
+        for i, c in enumerate(texts.columns)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,10 +497,15 @@ def row_shingles(
 ) -> Shingles:
     """Every row's shingles: token n-grams of each field (a shorter text is one shingle),
     tagged by field, hashed to 32 bits."""
-    texts = frame.select(pl.concat_list([field_expr(f) for f in fields]).alias("t")).get_column("t")
-    tokens = token_hashes(text_tokens(texts.explode(), unit))
+    return text_shingles(field_texts(frame, fields), ngram=ngram, unit=unit)
+
+
+def text_shingles(texts: pl.DataFrame, *, ngram: int, unit: TokenUnit) -> Shingles:
+    """`row_shingles` of field-text columns (t0, t1, ...: see `field_texts`)."""
+    flat = texts.select(pl.concat_list(pl.all()).alias("t")).get_column("t").explode()
+    tokens = token_hashes(text_tokens(flat, unit))
     windows = ngram_windows(tokens, [ngram], whole_texts_from=1)
-    n_fields = len(fields)
+    n_fields = texts.width
     salts = _field_salts(n_fields)[windows.text % n_fields]
     hashes = (windows.hashes >> np.uint64(32)).astype(np.uint32) ^ salts
     return Shingles(hashes, windows.text // n_fields)
@@ -562,9 +592,15 @@ def greedy_near_duplicates(
 
     Computed with band-key joins (see filters.lsh), with datasketch's bands and results.
     """
-    result = lsh_duplicates(signatures, empty, threshold=threshold)
+    return near_duplicates_of(
+        lsh_duplicates(signatures, empty, threshold=threshold), signatures.shape[1]
+    )
+
+
+def near_duplicates_of(result: LshResult, num_perm: int) -> NearDuplicates:
+    """The stage's view of an LSH pass: twins, their estimated Jaccard, pair counts."""
     twins = result.duplicate_of
-    jaccard = np.where(twins >= 0, result.equal / signatures.shape[1], np.nan)
+    jaccard = np.where(twins >= 0, result.equal / num_perm, np.nan)
     return NearDuplicates(
         twins,
         jaccard,
@@ -598,38 +634,72 @@ class MinHashDedup(Select):
 
     def signatures(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """MinHash signatures of every row of `frame` and the mask of rows without tokens."""
-        cfg = self.config
-        sigs, empties = [], []
-        for start in range(0, max(frame.height, 1), cfg.batch_size):
-            chunk = frame.slice(start, cfg.batch_size)
-            shingles = row_shingles(chunk, cfg.fields, ngram=cfg.ngram, unit=cfg.unit)
-            sig, empty = minhash_signatures(
-                shingles, chunk.height, num_perm=cfg.num_perm, seed=cfg.seed
-            )
-            sigs.append(sig)
-            empties.append(empty)
-        return np.concatenate(sigs), np.concatenate(empties)
+        return text_signatures(field_texts(frame, self.config.fields), self.config)
 
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
-        """Every row, with `duplicate_of`/`duplicate_jaccard`; near duplicates get a reason."""
+        """Every row, with `duplicate_of`/`duplicate_jaccard`; near duplicates get a reason.
+
+        On a Dask cluster (`ctx.cluster`) signatures and LSH buckets are computed there.
+        """
         cfg = self.config
         start = time.perf_counter()
-        signatures, empty = self.signatures(data)
-        hashed = time.perf_counter()
-        near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold)
+        if ctx.cluster is None:
+            signatures, empty = self.signatures(data)
+            hashed = time.perf_counter()
+            near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold)
+            seconds: dict[str, object] = {
+                "rows_without_tokens": int(empty.sum()),
+                "minhash_seconds": round(hashed - start, 3),
+                "lsh_seconds": round(time.perf_counter() - hashed, 3),
+            }
+        else:
+            near = self._near_duplicates_on(ctx.cluster, data)
+            seconds = {
+                "dask_scheduler": ctx.cluster.address,
+                "dask_seconds": round(time.perf_counter() - start, 3),
+            }
         ctx.extra_stats.update(
             {
                 "rows": data.height,
-                "rows_without_tokens": int(empty.sum()),
                 "threshold": cfg.threshold,
                 "lsh_bands": near.bands,
                 "lsh_rows_per_band": near.rows_per_band,
                 "candidate_pairs": near.candidates,
                 "candidates_below_threshold": near.rejected_candidates,
-                "minhash_seconds": round(hashed - start, 3),
-                "lsh_seconds": round(time.perf_counter() - hashed, 3),
+                **seconds,
                 **_cluster_stats(near.duplicate_of),
             }
         )
         similarity = pl.Series("duplicate_jaccard", near.jaccard, dtype=pl.Float64).fill_nan(None)
         return _with_duplicates(data, near.duplicate_of, "near_duplicate", similarity)
+
+    def _near_duplicates_on(self, cluster: DaskCluster, data: pl.DataFrame) -> NearDuplicates:
+        """`greedy_near_duplicates` as Dask jobs (filters.dedup_dask), in `batch_size` parts."""
+        from gristmill.filters.dedup_dask import lsh_on_dask
+
+        cfg = self.config
+        with cluster.client() as client:
+            result = lsh_on_dask(
+                client,
+                field_texts(data, cfg.fields),
+                functools.partial(text_signatures, cfg=cfg),
+                threshold=cfg.threshold,
+                num_perm=cfg.num_perm,
+                partition_rows=cfg.batch_size,
+            )
+        return near_duplicates_of(result, cfg.num_perm)
+
+
+def text_signatures(texts: pl.DataFrame, cfg: MinHashDedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """MinHash signatures of field-text columns (see `field_texts`), `batch_size` rows per pass,
+    and the mask of rows without tokens."""
+    sigs, empties = [], []
+    for start in range(0, max(texts.height, 1), cfg.batch_size):
+        chunk = texts.slice(start, cfg.batch_size)
+        shingles = text_shingles(chunk, ngram=cfg.ngram, unit=cfg.unit)
+        sig, empty = minhash_signatures(
+            shingles, chunk.height, num_perm=cfg.num_perm, seed=cfg.seed
+        )
+        sigs.append(sig)
+        empties.append(empty)
+    return np.concatenate(sigs), np.concatenate(empties)
