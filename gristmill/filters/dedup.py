@@ -452,11 +452,14 @@ def field_texts(frame: pl.DataFrame, fields: tuple[str, ...]) -> pl.DataFrame:
 
 
 def exact_keys(texts: pl.DataFrame, cfg: ExactDedupConfig) -> pl.DataFrame:
-    """The normalised texts (key0, key1, ...) that must all match for an exact duplicate."""
+    """The normalised texts (key0, key1, ...) that must all match for an exact duplicate
+    (NFKC applied only where it can change a text: see `_nfkc`)."""
+    if cfg.nfkc:
+        texts = texts.with_columns(_nfkc(texts.get_column(c)) for c in texts.columns)
     return texts.select(
         normalize_expr(
             pl.col(c),
-            nfkc=cfg.nfkc,
+            nfkc=False,
             lowercase=cfg.lowercase,
             strip_punctuation=cfg.strip_punctuation,
             collapse_whitespace=cfg.collapse_whitespace,
