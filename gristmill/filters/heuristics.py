@@ -22,7 +22,7 @@ in ABC notation).
 `drop_reason_for` is the definition, one record at a time; the stage computes the same
 reasons column by column with polars (`drop_reasons`). Only the echo check of rows with
 non-ASCII text stays in Python (`str.casefold` has no polars twin), and only for rows no
-earlier check dropped.
+earlier check dropped. Batches under COLUMN_WISE_FROM rows go through `drop_reason_for`.
 """
 
 from __future__ import annotations
@@ -213,6 +213,20 @@ def _echoes(prompts: pl.Series, responses: pl.Series) -> np.ndarray:
     return echo
 
 
+#: Batches from this many rows up are checked column by column (see Heuristics.process).
+COLUMN_WISE_FROM = 256
+
+
+def row_reasons(batch: pl.DataFrame, cfg: HeuristicsConfig) -> list[str | None]:
+    """`drop_reason_for` of every row, one row at a time."""
+    n = batch.height
+    columns = [
+        batch.get_column(c).cast(pl.String).to_list() if c in batch.columns else [None] * n
+        for c in ("prompt", "response", "finish_reason")
+    ]
+    return [drop_reason_for(p, r, f, cfg) for p, r, f in zip(*columns, strict=True)]
+
+
 def drop_reasons(batch: pl.DataFrame, cfg: HeuristicsConfig) -> pl.Series:
     """`drop_reason_for` of every row, computed column by column (same reasons, same order)."""
     n = batch.height
@@ -274,8 +288,15 @@ class Heuristics(Map):
         return ("prompt", "response") if self.config.check_response else ("prompt",)
 
     def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
-        """Set `drop_reason` on every row that fails a check (see the module docstring)."""
-        new = drop_reasons(batch, self.config)
+        """Set `drop_reason` on every row that fails a check (see the module docstring).
+
+        Batches of fewer than COLUMN_WISE_FROM rows go row by row: there polars' fixed cost
+        per call outweighs the work (both ways give the same reasons).
+        """
+        if batch.height >= COLUMN_WISE_FROM:
+            new = drop_reasons(batch, self.config)
+        else:
+            new = pl.Series(DROP_REASON, row_reasons(batch, self.config), dtype=pl.String)
         if DROP_REASON in batch.columns:  # keep a reason an earlier step already gave
             new = batch.get_column(DROP_REASON).cast(pl.String).fill_null(new)
         return batch.with_columns(new.alias(DROP_REASON))

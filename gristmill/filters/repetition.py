@@ -68,18 +68,21 @@ def _chunk_fractions(texts: pl.Series, n: int) -> np.ndarray:
     that earlier window's. A text where such a comparison fails (a hash collision) is
     measured again with `duplicate_ngram_fraction`, so the result is exact.
     """
-    lists = texts.cast(pl.String).fill_null("").to_frame("t").select(split_words(pl.col("t")))
-    lengths = lists.to_series().list.len().to_numpy().astype(np.int64)
-    flat = lists.to_series().explode().drop_nulls()
+    lists = pl.DataFrame({"t": texts.cast(pl.String)}).select(
+        split_words(pl.col("t").fill_null("")).alias("w")
+    )
+    lengths = lists.select(pl.col("w").list.len()).to_series().to_numpy().astype(np.int64)
+    flat = lists.select(pl.col("w").explode()).drop_nulls()  # an empty text leaves a null
     out = np.zeros(len(lengths), dtype=np.float64)
-    if flat.len() == 0:
+    if flat.height == 0:
         return out
+    words = flat.select(pl.col("w").hash(seed=0).alias("hash"), pl.col("w").str.len_chars())
     text_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     ends = np.cumsum(lengths)[text_of]  # one past the text's last word, per word
-    starts = np.flatnonzero(ends - np.arange(len(flat)) >= n)  # an n-gram fits from here
+    starts = np.flatnonzero(ends - np.arange(flat.height) >= n)  # an n-gram fits from here
     if len(starts) == 0:
         return out
-    keys = _window_keys(flat.hash(seed=0).to_numpy(), n)[starts]
+    keys = _window_keys(words.get_column("hash").to_numpy(), n)[starts]
     keys += text_of[starts].astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)
     ordered = np.sort(keys)
     twice = ordered[1:][ordered[1:] == ordered[:-1]]  # keys held by 2+ windows: few
@@ -94,12 +97,14 @@ def _chunk_fractions(texts: pl.Series, n: int) -> np.ndarray:
     repeat = earlier != starts
     rep, src = starts[repeat], earlier[repeat]
     same = text_of[rep] == text_of[src]
-    for k in range(n):
-        same &= (flat.gather(rep + k) == flat.gather(src + k)).to_numpy()
-    size = len(flat) + 1
+    if len(rep):
+        word = pl.col("w")
+        equal = [word.gather(rep + k) == word.gather(src + k) for k in range(n)]
+        same &= flat.select(pl.all_horizontal(equal)).to_series().to_numpy()
+    size = flat.height + 1
     marks = np.bincount(rep, minlength=size) - np.bincount(rep + n, minlength=size)
     covered = np.cumsum(marks[:-1]) > 0
-    chars = flat.str.len_chars().to_numpy().astype(np.int64)
+    chars = words.get_column("w").to_numpy().astype(np.int64)
     total = np.bincount(text_of, weights=chars, minlength=len(lengths))
     dup = np.bincount(text_of, weights=chars * covered, minlength=len(lengths))
     fits = (lengths >= n) & (total > 0)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from gristmill.filters import repetition
-from gristmill.filters.heuristics import HeuristicsConfig, drop_reason_for, drop_reasons
+from gristmill.filters.heuristics import (
+    Heuristics,
+    HeuristicsConfig,
+    drop_reason_for,
+    drop_reasons,
+    row_reasons,
+)
 from gristmill.filters.pywords import is_blank, joined_words, split_words, word_count
 from gristmill.filters.repetition import duplicate_ngram_fraction, duplicate_ngram_fractions
+from gristmill.pipelines.stage import StageContext
 
 CONFIGS = [
     HeuristicsConfig(),
@@ -77,10 +85,12 @@ def _reference(frame: pl.DataFrame, cfg: HeuristicsConfig) -> list[str | None]:
         if "finish_reason" in frame.columns
         else [None] * frame.height
     )
-    return [
+    want = [
         drop_reason_for(p, r, f, cfg)
         for p, r, f in zip(frame["prompt"], frame["response"], finishes, strict=True)
     ]
+    assert row_reasons(frame, cfg) == want  # the small-batch path of the stage
+    return want
 
 
 def _with_echoes_and_loops(frame: pl.DataFrame) -> pl.DataFrame:
@@ -155,3 +165,21 @@ def test_a_hash_collision_falls_back_to_the_definition(monkeypatch: pytest.Monke
     )
     want = [duplicate_ngram_fraction(t, 2) for t in texts]
     assert duplicate_ngram_fractions(texts, 2).tolist() == want
+
+
+def test_the_stage_takes_either_path_by_batch_size(
+    committed_slices: dict[str, pl.DataFrame], tmp_path: Path
+) -> None:
+    from gristmill.filters import heuristics
+
+    frame = _with_echoes_and_loops(committed_slices["self_instruct_user_oriented_20x8"])
+    assert frame.height >= heuristics.COLUMN_WISE_FROM
+    ctx = StageContext(stage_name="heuristics", stage_index=0, seed=0, run_dir=tmp_path)
+    cfg = CONFIGS[2]
+    whole = Heuristics(cfg).process(frame, ctx).get_column("drop_reason").to_list()
+    small = [
+        r
+        for lo in range(0, frame.height, 50)
+        for r in Heuristics(cfg).process(frame.slice(lo, 50), ctx).get_column("drop_reason")
+    ]
+    assert whole == small == _reference(frame, cfg)
