@@ -9,10 +9,11 @@ need only a shuffle:
   keys in one partition, where each row learns the smallest row with its exact keys;
 - MinHash: signatures and band keys are computed in the partitions; a shuffle by signature
   hash finds each signature's earliest row (its representative), a shuffle by band key
-  pairs up the representatives that share a band, and the pairs are checked against both
-  signatures after two joins on `row`. Only the checked pairs and the representative of
-  each row come back; the greedy earliest-kept pass (`filters.lsh.greedy_twins`) runs here,
-  as in the local path, on those.
+  pairs up the representatives that share a band (a bucket above `lsh.PAIR_LIMIT` members
+  sends back its members instead), and the pairs are checked against both signatures after
+  two joins on `row`. Only the checked pairs, the large buckets' members (with their
+  signatures) and the representative of each row come back; the greedy earliest-kept pass
+  (`filters.lsh.greedy_twins`) runs here, as in the local path, on those.
 
 The per-row functions (`keys`, `signatures`) are passed in, so this module knows nothing of
 the stages' configs; they must be picklable (module-level functions or partials of them).
@@ -26,15 +27,19 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from gristmill.filters import lsh
 from gristmill.filters.lsh import (
     Banding,
     CheckedPairs,
+    LargeBuckets,
     LshResult,
     band_keys,
     banding,
     check_pairs,
+    finish,
     fold_columns,
     greedy_twins,
+    split_buckets,
 )
 
 #: Rows per partition when a stage does not say.
@@ -164,17 +169,17 @@ def _band_rows(part: Any, bands: int) -> Any:
     return pd.DataFrame({"row": np.repeat(heads["row"].to_numpy(), bands), "key": keys.ravel()})
 
 
-def _pairs_in_buckets(part: Any) -> Any:
-    """(row, later) pairs that share a band key within a partition (one bucket is never
-    split across partitions: the shuffle was by key)."""
-    frame = pl.from_pandas(part)
-    return (
-        frame.join(frame, on="key", suffix="_later")
-        .filter(pl.col("row") < pl.col("row_later"))
-        .select("row", later=pl.col("row_later"))
-        .unique()
-        .to_pandas()
-    )
+def _pairs_in_buckets(part: Any, limit: int) -> Any:
+    """(row, later, key): the pairs of a partition's small buckets (key 0) and the members
+    of its large ones (later -1). A bucket is never split across partitions: the shuffle
+    was by key."""
+    pairs, large = split_buckets(pl.from_pandas(part), limit)
+    return pl.concat(
+        [
+            pairs.with_columns(pl.lit(0, dtype=pl.UInt64).alias("key")),
+            large.select("row", pl.lit(-1, dtype=pl.Int64).alias("later"), "key"),
+        ]
+    ).to_pandas()
 
 
 def _checked_part(part: Any, band: Banding, num_perm: int) -> Any:
@@ -222,10 +227,13 @@ def lsh_on_dask(
     )
     reps = reps.persist()
     bands = reps.map_partitions(_band_rows, band.bands, meta={"row": "int64", "key": "uint64"})
-    pairs = bands.shuffle(on="key").map_partitions(
-        _pairs_in_buckets, meta={"row": "int64", "later": "int64"}
+    candidates = bands.shuffle(on="key").map_partitions(
+        _pairs_in_buckets,
+        lsh.PAIR_LIMIT,
+        meta={"row": "int64", "later": "int64", "key": "uint64"},
     )
-    pairs = pairs.drop_duplicates()
+    candidates = candidates.persist()
+    pairs = candidates[candidates["later"] >= 0][["row", "later"]].drop_duplicates()
     values = sig[_columns("s", num_perm)]
     joined = pairs.merge(
         values.rename(columns={c: f"{c}_l" for c in values.columns}),
@@ -239,17 +247,39 @@ def lsh_on_dask(
     checked = joined.map_partitions(
         _checked_part, band, num_perm, meta={"row": "int64", "later": "int64", "equal": "int64"}
     )
-    found, rep_table = client.compute([checked, reps[["row", "rep"]]], sync=True)
+    large = candidates[candidates["later"] < 0][["row", "key"]]
+    found, members, rep_table = client.compute([checked, large, reps[["row", "rep"]]], sync=True)
     pairs_found = CheckedPairs(
         found["row"].to_numpy(np.int64),
         found["later"].to_numpy(np.int64),
         found["equal"].to_numpy(np.int64),
     )
-    twin, equal = greedy_twins(texts.height, pairs_found, need)
-    rows, rep = rep_table["row"].to_numpy(np.int64), rep_table["rep"].to_numpy(np.int64)
-    copies, of = rows[rep != rows], rep[rep != rows]
-    kept = twin[of] < 0
-    twin[copies] = np.where(kept, of, twin[of])
-    equal[copies] = np.where(kept, num_perm, equal[of])
-    below = int((pairs_found.equal < need).sum())
-    return LshResult(twin, equal, len(pairs_found.later) + len(copies), below, band)
+    large_rows = members["row"].to_numpy(np.int64)
+    walk = greedy_twins(
+        texts.height,
+        pairs_found,
+        need,
+        LargeBuckets(
+            large_rows,
+            members["key"].to_numpy(np.uint64),
+            _signature_lookup(client, values, np.unique(large_rows)),
+            band,
+        ),
+    )
+    live = rep_table["row"].to_numpy(np.int64)
+    order = np.argsort(live)
+    live, rep = live[order], rep_table["rep"].to_numpy(np.int64)[order]
+    return finish(walk, pairs_found, live, rep, need=need, num_perm=num_perm, band=band)
+
+
+def _rows_in(part: Any, rows: np.ndarray) -> Any:
+    return part[part.index.isin(rows)]
+
+
+def _signature_lookup(client: Any, values: Any, rows: np.ndarray) -> Callable[[np.ndarray], Any]:
+    """rows -> their signatures, for the (few) members of large buckets, fetched once."""
+    if not len(rows):
+        return lambda wanted: np.zeros((len(wanted), len(values.columns)), dtype=np.uint32)
+    table = client.compute(values.map_partitions(_rows_in, rows), sync=True).sort_index()
+    index, sigs = table.index.to_numpy(np.int64), table.to_numpy(np.uint32)
+    return lambda wanted: sigs[np.searchsorted(index, wanted)]

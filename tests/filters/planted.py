@@ -10,7 +10,7 @@ import polars as pl
 from gristmill.records import make_record, records_frame
 
 
-def _qa(prompt: str, answer: str) -> dict[str, Any]:
+def qa(prompt: str, answer: str) -> dict[str, Any]:
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     return make_record(messages, source="planted")
 
@@ -32,14 +32,14 @@ def planted_rows(slices: dict[str, pl.DataFrame], n: int, seed: int) -> pl.DataF
             answer = str(base["response"]).split(" ")
             for _ in range(rng.randint(1, 3)):
                 answer[rng.randrange(len(answer))] = rng.choice(words)
-            rows.append(_qa(str(base["prompt"]), " ".join(answer)))
+            rows.append(qa(str(base["prompt"]), " ".join(answer)))
         elif rows and roll < 0.30:
             base = rng.choice(rows)
             answer = str(base["response"]).split(" ")
-            rows.append(_qa(str(base["prompt"]), " ".join(answer[5:] + rng.sample(words, 5))))
+            rows.append(qa(str(base["prompt"]), " ".join(answer[5:] + rng.sample(words, 5))))
         elif roll < 0.301:
-            rows.append(_qa("???", "..."))  # no \w tokens at all
+            rows.append(qa("???", "..."))  # no \w tokens at all
         else:
             prompt = " ".join(rng.sample(words, rng.randint(3, 12)))
-            rows.append(_qa(prompt, " ".join(rng.sample(words, rng.randint(20, 90)))))
+            rows.append(qa(prompt, " ".join(rng.sample(words, rng.randint(20, 90)))))
     return records_frame(rows)

@@ -100,6 +100,17 @@ def test_minhash_dedup_on_dask_matches_local(
     assert dropped > 300
 
 
+def test_large_buckets_on_dask_match_local(
+    rows: pl.DataFrame, cluster: DaskCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gristmill.filters import lsh
+
+    monkeypatch.setattr(lsh, "PAIR_LIMIT", 2)  # most buckets are walked, not paired
+    stage = MinHashDedup(MinHashDedupConfig(batch_size=700))
+    dropped = _same(_select(stage, rows, None, tmp_path), _select(stage, rows, cluster, tmp_path))
+    assert dropped > 300
+
+
 def test_committed_slices_on_dask_match_local(
     committed_slices: dict[str, pl.DataFrame], cluster: DaskCluster, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 from datasketch import LeanMinHash, MinHashLSH
-from planted import planted_rows
+from planted import planted_rows, qa
 
 from gristmill.filters.dedup import MinHashDedup, MinHashDedupConfig
 from gristmill.filters.lsh import (
@@ -25,6 +25,7 @@ from gristmill.filters.lsh import (
     representatives,
 )
 from gristmill.pipelines.stage import ROW_COLUMN, StageContext
+from gristmill.records import records_frame
 
 
 def reference_greedy(
@@ -125,6 +126,38 @@ def test_a_band_key_collision_is_not_a_candidate(monkeypatch: pytest.MonkeyPatch
 def test_greedy_twins_skips_dropped_partners() -> None:
     # 0~1, 1~2, 0~2 below the bar: 1 goes (twin 0), 2 stays (its only partner 1 went)
     pairs = CheckedPairs(np.array([0, 1, 0]), np.array([1, 2, 2]), np.array([4, 4, 1]))
-    twin, equal = greedy_twins(3, pairs, need=3)
-    assert twin.tolist() == [-1, 0, -1] and equal.tolist() == [0, 4, 0]
+    walk = greedy_twins(3, pairs, need=3)
+    assert walk.duplicate_of.tolist() == [-1, 0, -1] and walk.equal.tolist() == [0, 4, 0]
     assert band_keys(np.zeros((2, 4), np.uint32), banding(0.5, 4)).shape[0] == 2
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5])
+def test_large_buckets_walked_row_by_row_give_the_reference_result(
+    committed_slices: dict[str, pl.DataFrame],
+    limit: int,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gristmill.filters import lsh
+
+    monkeypatch.setattr(lsh, "PAIR_LIMIT", limit)  # most buckets count as large
+    frame = planted_rows(committed_slices, 3000, seed=3)
+    for cfg in (MinHashDedupConfig(), MinHashDedupConfig(threshold=0.5, num_perm=64)):
+        assert _assert_same_as_reference(frame, cfg, tmp_path) > 300
+
+
+def test_one_big_near_copy_cluster(tmp_path: Any) -> None:
+    """2,000 near copies of one answer: one large bucket per band, no pair explosion."""
+    words = [f"{w}{i}" for i, w in enumerate(("story " * 100).split())]  # 100 distinct words
+    rows = []
+    for k in range(2000):
+        answer = list(words)
+        answer[k % len(answer)] = f"word{k}"
+        rows.append(qa("Tell me a story.", " ".join(answer)))
+    frame = records_frame(rows)
+    cfg = MinHashDedupConfig()
+    assert _assert_same_as_reference(frame, cfg, tmp_path) > 1000
+    stage = MinHashDedup(cfg)
+    sig, empty = stage.signatures(frame)
+    got = lsh_duplicates(sig, empty, threshold=cfg.threshold)
+    assert got.candidates < 200_000  # pairing every bucket would check ~2M pairs
