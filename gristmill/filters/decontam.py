@@ -35,13 +35,9 @@ from typing import Any, ClassVar
 import numpy as np
 import polars as pl
 
-from gristmill.filters.dedup import (
-    field_expr,
-    ngram_windows,
-    text_tokens,
-    token_hashes,
-)
+from gristmill.filters.dedup import TokenHashes, field_expr, ngram_windows, text_tokens
 from gristmill.filters.embed import TextField, check_text_field, field_source_column
+from gristmill.filters.ngrams import TokenWindows
 from gristmill.pipelines.stage import Map, StageConfig, StageContext
 from gristmill.pipelines.stats import ExtraStats, counts, first, summed
 from gristmill.reader import MISSING, load_rows
@@ -293,18 +289,27 @@ class EvalIndex:
     set_of: list[str]  # eval set label per text
     item_of: list[str]  # item label per text
     stats: dict[str, dict[str, int]]
-    _words: dict[int, list[str]] = field(default_factory=dict, repr=False)
+    #: The tokens of every eval text (a list Series, kept in Arrow memory).
+    tokens: pl.Series = field(repr=False)
 
     @property
     def sizes(self) -> tuple[int, ...]:
         """Window sizes a row must be checked at."""
         return tuple(sorted(self.keys))
 
-    def words(self, text: int) -> list[str]:
-        """The tokens of eval text `text` (computed on first use)."""
-        if text not in self._words:
-            self._words[text] = list(text_tokens(pl.Series([self.texts[text]])).to_list()[0])
-        return self._words[text]
+    def words(self, texts: np.ndarray) -> dict[int, list[str]]:
+        """The tokens of the eval texts numbered `texts`, fetched in one call."""
+        wanted = np.unique(texts)
+        return dict(zip(wanted.tolist(), self.tokens.gather(wanted).to_list(), strict=True))
+
+
+def local_token_hashes(tokens: pl.Series) -> TokenHashes:
+    """Token hashes valid within this process (polars' hash, fixed seeds): the eval index is
+    built in the process that matches against it, and every hit is confirmed word for word,
+    so neither stability across versions nor freedom from collisions is needed."""
+    lengths = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = tokens.explode().drop_nulls()
+    return TokenHashes(flat.hash(seed=13).to_numpy(), lengths)
 
 
 def build_eval_index(sets: Sequence[EvalSet], *, ngram: int, min_words: int) -> EvalIndex:
@@ -319,7 +324,8 @@ def build_eval_index(sets: Sequence[EvalSet], *, ngram: int, min_words: int) -> 
         set_of.extend([es.label] * len(got))
         item_of.extend(owners)
         stats[es.label] = {"items": len(items), "texts": len(got)}
-    tokens = token_hashes(text_tokens(pl.Series(texts, dtype=pl.String)))
+    words = text_tokens(pl.Series(texts, dtype=pl.String))
+    tokens = local_token_hashes(words)
     windows = ngram_windows(tokens, [ngram], whole_texts_from=min_words)
     labels = np.array(set_of, dtype=object)
     short = (tokens.lengths < min_words) & (tokens.lengths > 0)
@@ -334,7 +340,7 @@ def build_eval_index(sets: Sequence[EvalSet], *, ngram: int, min_words: int) -> 
         keys[size] = unique
         first_text[size] = windows.text[sel][first]
         first_start[size] = windows.start[sel][first]
-    return EvalIndex(keys, first_text, first_start, texts, set_of, item_of, stats)
+    return EvalIndex(keys, first_text, first_start, texts, set_of, item_of, stats, words)
 
 
 def _stamp(es: EvalSet) -> tuple[str, int, int] | None:
@@ -376,28 +382,51 @@ class Hit:
     ngram: str
 
 
-def find_hits(texts: pl.Series, index: EvalIndex) -> list[tuple[int, int, str]]:
-    """Confirmed matches as (text, eval text, shared words), in text then position order."""
-    if not index.sizes:
-        return []
+def _window_hits(texts: pl.Series, index: EvalIndex) -> tuple[pl.Series, np.ndarray]:
+    """The texts' tokens and (window start, size, key position) of every window whose hash is
+    an indexed key, sorted by flat start then size; hashes are looked up in a hash set."""
     tokens = text_tokens(texts)
-    windows = ngram_windows(token_hashes(tokens), index.sizes)
-    pairs: list[tuple[int, int]] = []  # (window, position of its hash in the size's keys)
+    hashes = local_token_hashes(tokens)
+    layout = TokenWindows.of(hashes.values, hashes.lengths)
+    found = []
     for size in index.sizes:
-        sel = np.flatnonzero(windows.size == size)
         keys = index.keys[size]
-        at = np.minimum(np.searchsorted(keys, windows.hashes[sel]), len(keys) - 1)
-        ok = keys[at] == windows.hashes[sel]
-        pairs.extend(zip(sel[ok].tolist(), at[ok].tolist(), strict=True))
+        starts = layout.starts(size)
+        window = layout.hashes(starts, size)
+        hit = pl.Series(window).is_in(pl.Series(keys).implode()).to_numpy()
+        at, window = starts[hit], window[hit]
+        found.append(np.stack([at, np.full(len(at), size), np.searchsorted(keys, window)], 1))
+    hits = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+    hits = hits[np.lexsort((hits[:, 1], hits[:, 0]))]
+    return tokens, np.column_stack([layout.text_of[hits[:, 0]], layout.position[hits[:, 0]], hits])
+
+
+def find_hits(texts: pl.Series, index: EvalIndex) -> list[tuple[int, int, str]]:
+    """Confirmed matches as (text, eval text, shared words), in text then position order.
+
+    A window counts once its words equal the indexed n-gram's, word for word (a 64-bit hash
+    match alone could be a collision).
+    """
+    if not index.sizes or texts.len() == 0:
+        return []
+    tokens, hits = _window_hits(texts, index)
+    if not len(hits):
+        return []
+    sources = np.zeros(len(hits), dtype=np.int64)  # the eval text and offset of each key
+    offsets = np.zeros(len(hits), dtype=np.int64)
+    for size in index.sizes:
+        mine = hits[:, 3] == size
+        sources[mine] = index.text[size][hits[mine, 4]]
+        offsets[mine] = index.start[size][hits[mine, 4]]
+    rows = np.unique(hits[:, 0])
+    row_words = dict(zip(rows.tolist(), tokens.gather(rows).to_list(), strict=True))
+    eval_words = index.words(sources)
     found: list[tuple[int, int, str]] = []
-    row_words: dict[int, list[str]] = {}
-    for w, k in sorted(pairs):
-        text, start, size = int(windows.text[w]), int(windows.start[w]), int(windows.size[w])
-        source, offset = int(index.text[size][k]), int(index.start[size][k])
-        if text not in row_words:
-            row_words[text] = list(tokens[text])
+    for (text, start, _, size, _), source, offset in zip(
+        hits.tolist(), sources.tolist(), offsets.tolist(), strict=True
+    ):
         shared = row_words[text][start : start + size]
-        if shared == index.words(source)[offset : offset + size]:
+        if shared == eval_words[source][offset : offset + size]:
             found.append((text, source, " ".join(shared)))
     return found
 

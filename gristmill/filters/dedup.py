@@ -12,8 +12,9 @@ normalisation (NFKC, lowercase, whitespace collapsed; punctuation stripping opti
 
 `minhash_dedup` (drop reason `near_duplicate`, column `duplicate_jaccard`) estimates the
 Jaccard similarity of shingle sets (Broder 1997) with datasketch's MinHash permutations
-("affine32" scheme) and finds candidates with datasketch's `MinHashLSH`; a candidate counts
-only if its estimated Jaccard (share of equal MinHash values) is at least the threshold,
+("affine32" scheme) and finds the candidates datasketch's `MinHashLSH` would (its bands,
+computed as a join of band keys: see filters.lsh); a candidate counts only if its
+estimated Jaccard (share of equal MinHash values) is at least the threshold,
 which cuts the LSH's false positives. Shingles are word (or character) n-grams of each
 field; a text shorter than n tokens is one shingle; rows with no tokens at all are left to
 `exact_dedup`. Shingle hashing is vectorised with numpy (a stable per-word hash, combined
@@ -38,6 +39,7 @@ The search is exact and brute force, O(n^2 d): fine to a few hundred thousand ro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Iterable
@@ -54,6 +56,9 @@ from gristmill.filters.embed import (
     field_source_column,
     frame_embeddings,
 )
+from gristmill.filters.lsh import LshResult, lsh_duplicates
+from gristmill.filters.ngrams import BASE, TokenWindows
+from gristmill.pipelines.cluster import DaskCluster
 from gristmill.pipelines.stage import Select, StageConfig, StageContext
 from gristmill.records import DROP_REASON
 
@@ -235,11 +240,19 @@ def normalize_expr(
     return text
 
 
+def _nfkc(texts: pl.Series) -> pl.Series:
+    """Unicode NFKC of every text; pure-ASCII texts, which NFKC leaves as they are, skip it."""
+    wide = (texts.str.len_bytes() != texts.str.len_chars()).arg_true()
+    if not len(wide):
+        return texts
+    return texts.clone().scatter(wide, texts.gather(wide).str.normalize("NFKC"))
+
+
 def text_tokens(texts: pl.Series, unit: TokenUnit = "word") -> pl.Series:
     """Each text's tokens (a list of strings) after NFKC and lowercasing: `word` keeps runs
     of letters/digits/underscore and drops punctuation (`don't` -> don, t; `3.5` -> 3, 5);
     `char` keeps every character with whitespace runs collapsed to one space. Null -> []."""
-    norm = texts.cast(pl.String).fill_null("").str.normalize("NFKC").str.to_lowercase()
+    norm = _nfkc(texts.cast(pl.String).fill_null("")).str.to_lowercase()
     if unit == "word":
         return norm.str.extract_all(WORD_PATTERN)
     return norm.str.replace_all(r"\s+", " ").str.strip_chars().str.split("")
@@ -275,9 +288,8 @@ def token_hashes(tokens: pl.Series) -> TokenHashes:
 
 
 #: Odd 64-bit multipliers, one per window position: a window's hash is sum(h_j * M_j) mod 2^64.
-_WINDOW_MULTIPLIERS = np.array(
-    [(pow(0x9E3779B97F4A7C15, j + 1, 1 << 64) | 1) for j in range(256)], dtype=np.uint64
-)
+#: M_j = BASE^(j+1), odd since BASE is (the `| 1` never changes it).
+_WINDOW_MULTIPLIERS = np.array([(pow(BASE, j + 1, 1 << 64) | 1) for j in range(256)], np.uint64)
 
 
 @dataclass(frozen=True)
@@ -298,38 +310,36 @@ def ngram_windows(
     With `whole_texts_from=m`, a text of at least m but fewer than max(sizes) tokens also
     counts as one window of its own length (a short text is one n-gram). Equal token
     sequences get equal hashes in every process; different ones collide with odds 2^-64.
+    A window's hash is sum_j h_j * _WINDOW_MULTIPLIERS[j], from prefix sums (filters.ngrams).
     """
     wanted = sorted(set(sizes))
     if not wanted or wanted[0] < 1 or wanted[-1] > len(_WINDOW_MULTIPLIERS):
         raise ValueError(f"window sizes must be in [1, {len(_WINDOW_MULTIPLIERS)}], got {wanted}")
-    values, lengths = tokens.values, tokens.lengths
-    n_tokens = len(values)
-    text_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-    offsets = tokens.offsets
-    position = np.arange(n_tokens, dtype=np.int64) - offsets[text_of]
-    room = lengths[text_of] - position  # tokens from here to the end of the text
-    acc = np.zeros(n_tokens, dtype=np.uint64)
-    parts: list[tuple[np.ndarray, np.ndarray, int]] = []  # (flat starts, hashes, size)
-    for j in range(wanted[-1]):
-        contrib = values[j:] * _WINDOW_MULTIPLIERS[j]
-        acc[: n_tokens - j] += np.where(room[: n_tokens - j] > j, contrib, np.uint64(0))
-        size = j + 1
-        if size in wanted:
-            at = np.flatnonzero(room >= size)
-        elif whole_texts_from is not None and size >= whole_texts_from:
-            at = offsets[lengths == size]
-        else:
-            continue
-        parts.append((at, acc[at].copy(), size))
-    if not parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return Windows(np.zeros(0, dtype=np.uint64), empty, empty, empty)
-    flat = np.concatenate([p[0] for p in parts])
-    hashes = np.concatenate([p[1] for p in parts])
-    size_of = np.concatenate([np.full(len(p[0]), p[2], dtype=np.int64) for p in parts])
-    order = np.lexsort((size_of, flat))
-    flat, hashes, size_of = flat[order], hashes[order], size_of[order]
-    return Windows(hashes, text_of[flat], position[flat], size_of)
+    layout = TokenWindows.of(tokens.values, tokens.lengths)
+    lengths = layout.lengths
+    short = np.zeros(len(lengths), dtype=bool)
+    if whole_texts_from is not None:  # texts of a wanted size have that window already
+        short = (lengths >= whole_texts_from) & (lengths < wanted[-1]) & (lengths > 0)
+        short &= ~np.isin(lengths, wanted)
+    if len(wanted) == 1:  # at most one window per start: no sort needed
+        fits = layout.room >= wanted[0]
+        fits[layout.offsets[short]] = True
+        flat = np.flatnonzero(fits)
+        size_of = np.minimum(layout.room[flat], wanted[0])
+    else:
+        starts = [layout.starts(size) for size in wanted] + [layout.offsets[short]]
+        flat = np.concatenate(starts)
+        size_of = np.concatenate(
+            [
+                np.full(len(at), size, dtype=np.int64)
+                for at, size in zip(starts, wanted, strict=False)
+            ]
+            + [lengths[short]]
+        )
+        order = np.lexsort((size_of, flat))
+        flat, size_of = flat[order], size_of[order]
+    hashes = layout.hashes(flat, size_of)
+    return Windows(hashes, layout.text_of[flat], layout.position[flat], size_of)
 
 
 def _check_fields(fields: tuple[str, ...], *, where: str) -> tuple[str, ...]:
@@ -419,26 +429,52 @@ class ExactDedup(Select):
         return ("duplicate_of",)
 
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
-        """Every row, with `duplicate_of`; later copies get drop reason `exact_duplicate`."""
+        """Every row, with `duplicate_of`; later copies get drop reason `exact_duplicate`.
+
+        On a Dask cluster (`ctx.cluster`) the keys are computed and grouped there.
+        """
         cfg = self.config
-        keys = data.select(
-            normalize_expr(
-                field_expr(f),
-                nfkc=cfg.nfkc,
-                lowercase=cfg.lowercase,
-                strip_punctuation=cfg.strip_punctuation,
-                collapse_whitespace=cfg.collapse_whitespace,
-            ).alias(f"key{i}")
-            for i, f in enumerate(cfg.fields)
-        ).with_row_index("row")
-        first = keys.select(pl.col("row").first().over([f"key{i}" for i in range(len(cfg.fields))]))
-        first_row = first.get_column("row").to_numpy().astype(np.int64)
+        texts = field_texts(data, cfg.fields)
+        if ctx.cluster is None:
+            keys = exact_keys(texts, cfg)
+            first = keys.with_row_index("row").select(pl.col("row").min().over(keys.columns))
+            first_row = first.to_series().to_numpy().astype(np.int64)
+        else:
+            from gristmill.filters.dedup_dask import first_rows_on_dask
+
+            with ctx.cluster.client() as client:
+                first_row = first_rows_on_dask(
+                    client, texts, functools.partial(exact_keys, cfg=cfg)
+                )
+            ctx.extra_stats["dask_scheduler"] = ctx.cluster.address
         rows = np.arange(data.height, dtype=np.int64)
         duplicate_of = np.where(first_row < rows, first_row, -1)
         ctx.extra_stats.update(
             {"rows": data.height, "fields": list(cfg.fields), **_cluster_stats(duplicate_of)}
         )
         return _with_duplicates(data, duplicate_of, "exact_duplicate")
+
+
+def field_texts(frame: pl.DataFrame, fields: tuple[str, ...]) -> pl.DataFrame:
+    """The fields' texts as String columns t0, t1, ... (what the dedup keys are made of)."""
+    return frame.select(field_expr(f).alias(f"t{i}") for i, f in enumerate(fields))
+
+
+def exact_keys(texts: pl.DataFrame, cfg: ExactDedupConfig) -> pl.DataFrame:
+    """The normalised texts (key0, key1, ...) that must all match for an exact duplicate
+    (NFKC applied only where it can change a text: see `_nfkc`)."""
+    if cfg.nfkc:
+        texts = texts.with_columns(_nfkc(texts.get_column(c)) for c in texts.columns)
+    return texts.select(
+        normalize_expr(
+            pl.col(c),
+            nfkc=False,
+            lowercase=cfg.lowercase,
+            strip_punctuation=cfg.strip_punctuation,
+            collapse_whitespace=cfg.collapse_whitespace,
+        ).alias(f"key{i}")
+        for i, c in enumerate(texts.columns)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,10 +509,15 @@ def row_shingles(
 ) -> Shingles:
     """Every row's shingles: token n-grams of each field (a shorter text is one shingle),
     tagged by field, hashed to 32 bits."""
-    texts = frame.select(pl.concat_list([field_expr(f) for f in fields]).alias("t")).get_column("t")
-    tokens = token_hashes(text_tokens(texts.explode(), unit))
+    return text_shingles(field_texts(frame, fields), ngram=ngram, unit=unit)
+
+
+def text_shingles(texts: pl.DataFrame, *, ngram: int, unit: TokenUnit) -> Shingles:
+    """`row_shingles` of field-text columns (t0, t1, ...: see `field_texts`)."""
+    flat = texts.select(pl.concat_list(pl.all()).alias("t")).get_column("t").explode()
+    tokens = token_hashes(text_tokens(flat, unit))
     windows = ngram_windows(tokens, [ngram], whole_texts_from=1)
-    n_fields = len(fields)
+    n_fields = texts.width
     salts = _field_salts(n_fields)[windows.text % n_fields]
     hashes = (windows.hashes >> np.uint64(32)).astype(np.uint32) ^ salts
     return Shingles(hashes, windows.text // n_fields)
@@ -549,43 +590,37 @@ class NearDuplicates:
 
     duplicate_of: np.ndarray  # int64 row index of the kept twin, -1 if kept
     jaccard: np.ndarray  # float64 estimated Jaccard with that twin, NaN if kept
-    candidates: int  # LSH candidate pairs checked
+    candidates: int  # LSH candidate pairs checked (an identical signature counts as one)
     rejected_candidates: int  # of them, below the threshold (LSH false positives)
     bands: int
     rows_per_band: int
 
 
 def greedy_near_duplicates(
-    signatures: np.ndarray, empty: np.ndarray, *, threshold: float, seed: int
+    signatures: np.ndarray, empty: np.ndarray, *, threshold: float
 ) -> NearDuplicates:
     """Walk rows in order; a row duplicates the earliest KEPT row that LSH proposes and
-    whose estimated Jaccard is >= threshold; kept rows enter the index, duplicates do not."""
-    from datasketch import LeanMinHash, MinHashLSH
+    whose estimated Jaccard is >= threshold; kept rows enter the index, duplicates do not.
 
-    n, num_perm = signatures.shape
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    need = threshold * num_perm - 1e-9  # equal values needed, without float surprises
-    duplicate_of = np.full(n, -1, dtype=np.int64)
-    jaccard = np.full(n, np.nan)
-    checked = rejected = 0
-    for row in range(n):
-        if empty[row]:
-            continue
-        sketch = LeanMinHash(seed=seed, hashvalues=signatures[row], scheme="affine32")
-        found = lsh.query(sketch)
-        if found:
-            cands = np.fromiter(found, dtype=np.int64, count=len(found))
-            equal = np.count_nonzero(signatures[cands] == signatures[row], axis=1)
-            ok = equal >= need
-            checked += len(cands)
-            rejected += int((~ok).sum())
-            if ok.any():
-                twin = int(cands[ok].min())
-                duplicate_of[row] = twin
-                jaccard[row] = float(equal[cands == twin][0]) / num_perm
-                continue
-        lsh.insert(row, sketch)
-    return NearDuplicates(duplicate_of, jaccard, checked, rejected, lsh.b, lsh.r)
+    Computed with band-key joins (see filters.lsh), with datasketch's bands and results.
+    """
+    return near_duplicates_of(
+        lsh_duplicates(signatures, empty, threshold=threshold), signatures.shape[1]
+    )
+
+
+def near_duplicates_of(result: LshResult, num_perm: int) -> NearDuplicates:
+    """The stage's view of an LSH pass: twins, their estimated Jaccard, pair counts."""
+    twins = result.duplicate_of
+    jaccard = np.where(twins >= 0, result.equal / num_perm, np.nan)
+    return NearDuplicates(
+        twins,
+        jaccard,
+        result.candidates,
+        result.below_threshold,
+        result.banding.bands,
+        result.banding.rows,
+    )
 
 
 class MinHashDedup(Select):
@@ -615,38 +650,72 @@ class MinHashDedup(Select):
 
     def signatures(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """MinHash signatures of every row of `frame` and the mask of rows without tokens."""
-        cfg = self.config
-        sigs, empties = [], []
-        for start in range(0, max(frame.height, 1), cfg.batch_size):
-            chunk = frame.slice(start, cfg.batch_size)
-            shingles = row_shingles(chunk, cfg.fields, ngram=cfg.ngram, unit=cfg.unit)
-            sig, empty = minhash_signatures(
-                shingles, chunk.height, num_perm=cfg.num_perm, seed=cfg.seed
-            )
-            sigs.append(sig)
-            empties.append(empty)
-        return np.concatenate(sigs), np.concatenate(empties)
+        return text_signatures(field_texts(frame, self.config.fields), self.config)
 
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
-        """Every row, with `duplicate_of`/`duplicate_jaccard`; near duplicates get a reason."""
+        """Every row, with `duplicate_of`/`duplicate_jaccard`; near duplicates get a reason.
+
+        On a Dask cluster (`ctx.cluster`) signatures and LSH buckets are computed there.
+        """
         cfg = self.config
         start = time.perf_counter()
-        signatures, empty = self.signatures(data)
-        hashed = time.perf_counter()
-        near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold, seed=cfg.seed)
+        if ctx.cluster is None:
+            signatures, empty = self.signatures(data)
+            hashed = time.perf_counter()
+            near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold)
+            seconds: dict[str, object] = {
+                "rows_without_tokens": int(empty.sum()),
+                "minhash_seconds": round(hashed - start, 3),
+                "lsh_seconds": round(time.perf_counter() - hashed, 3),
+            }
+        else:
+            near = self._near_duplicates_on(ctx.cluster, data)
+            seconds = {
+                "dask_scheduler": ctx.cluster.address,
+                "dask_seconds": round(time.perf_counter() - start, 3),
+            }
         ctx.extra_stats.update(
             {
                 "rows": data.height,
-                "rows_without_tokens": int(empty.sum()),
                 "threshold": cfg.threshold,
                 "lsh_bands": near.bands,
                 "lsh_rows_per_band": near.rows_per_band,
                 "candidate_pairs": near.candidates,
                 "candidates_below_threshold": near.rejected_candidates,
-                "minhash_seconds": round(hashed - start, 3),
-                "lsh_seconds": round(time.perf_counter() - hashed, 3),
+                **seconds,
                 **_cluster_stats(near.duplicate_of),
             }
         )
         similarity = pl.Series("duplicate_jaccard", near.jaccard, dtype=pl.Float64).fill_nan(None)
         return _with_duplicates(data, near.duplicate_of, "near_duplicate", similarity)
+
+    def _near_duplicates_on(self, cluster: DaskCluster, data: pl.DataFrame) -> NearDuplicates:
+        """`greedy_near_duplicates` as Dask jobs (filters.dedup_dask), in `batch_size` parts."""
+        from gristmill.filters.dedup_dask import lsh_on_dask
+
+        cfg = self.config
+        with cluster.client() as client:
+            result = lsh_on_dask(
+                client,
+                field_texts(data, cfg.fields),
+                functools.partial(text_signatures, cfg=cfg),
+                threshold=cfg.threshold,
+                num_perm=cfg.num_perm,
+                partition_rows=cfg.batch_size,
+            )
+        return near_duplicates_of(result, cfg.num_perm)
+
+
+def text_signatures(texts: pl.DataFrame, cfg: MinHashDedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """MinHash signatures of field-text columns (see `field_texts`), `batch_size` rows per pass,
+    and the mask of rows without tokens."""
+    sigs, empties = [], []
+    for start in range(0, max(texts.height, 1), cfg.batch_size):
+        chunk = texts.slice(start, cfg.batch_size)
+        shingles = text_shingles(chunk, ngram=cfg.ngram, unit=cfg.unit)
+        sig, empty = minhash_signatures(
+            shingles, chunk.height, num_perm=cfg.num_perm, seed=cfg.seed
+        )
+        sigs.append(sig)
+        empties.append(empty)
+    return np.concatenate(sigs), np.concatenate(empties)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from gristmill.flows.ref import PipelineRef, pipeline_for, planned_stage
 from gristmill.flows.retry import RetryPolicy
 from gristmill.flows.runners import RunnerSpec, make_task_runner, prepare_runner
+from gristmill.pipelines.cluster import DaskCluster, running_on
 from gristmill.pipelines.pipeline import PlannedStage, stage_line
 from gristmill.pipelines.recipe import Recipe
 
@@ -49,9 +50,14 @@ def finish_map_stage(ref: PipelineRef, stage_index: int, seconds: float) -> dict
 
 
 @task(cache_policy=NO_CACHE)
-def run_global_stage(ref: PipelineRef, stage_index: int) -> dict[str, Any]:
-    """A whole-dataset stage."""
-    return pipeline_for(ref).run_global(planned_stage(ref, stage_index))
+def run_global_stage(
+    ref: PipelineRef, stage_index: int, dask_address: str | None = None
+) -> dict[str, Any]:
+    """A whole-dataset stage; with `dask_address`, stages that can spread their work over
+    that Dask scheduler (exact and MinHash dedup) do."""
+    cluster = DaskCluster(dask_address) if dask_address else None
+    with running_on(cluster):
+        return pipeline_for(ref).run_global(planned_stage(ref, stage_index))
 
 
 @task(cache_policy=NO_CACHE)
@@ -116,7 +122,11 @@ def run_pipeline(
                     run_global_stage.with_options(
                         task_run_name=f"{planned.index:02d}-{planned.name}", **retrying
                     ),
-                    {"ref": ref, "stage_index": planned.index},
+                    {
+                        "ref": ref,
+                        "stage_index": planned.index,
+                        "dask_address": _dask_address(task_runner),
+                    },
                 ).result()
             logger.info(stage_line(summary))
         _engines_for_stage(ref, task_runner, runner, None)
@@ -137,6 +147,13 @@ def _engines_for_stage(
             pipeline.engine(name)  # started in the flow's thread, before any task uses it
     elif type(task_runner).__name__ == "DaskTaskRunner":
         task_runner.client.run(release_worker_engines, ref, keep)
+
+
+def _dask_address(task_runner: Any) -> str | None:
+    """The scheduler address of a started Dask task runner; None for other runners."""
+    if type(task_runner).__name__ != "DaskTaskRunner":
+        return None
+    return str(task_runner.client.scheduler.address)
 
 
 def release_worker_engines(ref: PipelineRef, keep: tuple[str, ...]) -> list[str]:

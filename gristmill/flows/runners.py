@@ -115,7 +115,8 @@ def local_cluster(**kwargs: Any) -> Any:
     Dask makes workers daemonic by default, and a daemonic process cannot have children;
     vLLM's engine core and gristmill's sandbox are child processes, so they are turned off.
     Dask's own INFO chatter (worker start and stop, dozens of lines) is turned down to
-    warnings, in the workers too; Prefect's task-run lines still show.
+    warnings, in the workers too, and its shuffles' start and end notices to errors;
+    Prefect's task-run lines still show.
     """
     import dask
     from distributed import LocalCluster
@@ -126,6 +127,9 @@ def local_cluster(**kwargs: Any) -> Any:
         {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}
     )
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    # the scheduler's shuffle plugin warns at every start and end of a shuffle (global dedup
+    # on Dask runs a few); the scheduler lives in this process
+    logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
     return LocalCluster(**kwargs)
 
 

@@ -37,6 +37,7 @@ from gristmill.pipelines.checkpoint import (
     read_json,
     read_parts,
 )
+from gristmill.pipelines.cluster import current_cluster
 from gristmill.pipelines.decision import Decision, apply, decide, projection, split_drops
 from gristmill.pipelines.generators import generate_input
 from gristmill.pipelines.layout import RunLayout, part_name
@@ -222,6 +223,7 @@ class Pipeline:
             engine_stats=EngineStats(),
             show_progress=self.show_progress,
             state_dir=self.layout.state(planned.dir, part) if planned.is_map else None,
+            cluster=current_cluster(),
         )
 
     # ---- input --------------------------------------------------------------------------

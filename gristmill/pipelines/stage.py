@@ -39,6 +39,7 @@ from gristmill.engines.base import (
     Sampling,
     per_prompt,
 )
+from gristmill.pipelines.cluster import DaskCluster
 from gristmill.pipelines.config import RecipeError, build_dataclass
 from gristmill.pipelines.stats import ExtraStats
 from gristmill.records import DROP_REASON
@@ -408,6 +409,8 @@ class StageContext:
     state_dir: Path | None = None
     #: Stage-specific statistics (cluster sizes, thresholds used...) saved in _SUCCESS.json.
     extra_stats: dict[str, Any] = field(default_factory=dict)
+    #: The Dask cluster a global stage may spread its work over (the Dask runner's), or None.
+    cluster: DaskCluster | None = None
 
     def engine(self, name: str | None = None) -> MeteredEngine:
         """A recipe engine this stage declared (None: its first), started on first use and

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 from gristmill.engines.base import Engine
 from gristmill.flows.recipe import run_recipe
@@ -98,3 +100,39 @@ def _drops(run: Path) -> int:
     (stage_dir,) = run.glob("01_magpie-*")
     rejected = list((stage_dir / "rejected").glob("*.parquet"))
     return pl.read_parquet(rejected).height if rejected else 0
+
+
+def _planted_alpaca(path: Path) -> Path:
+    """40 AlpacaFarm rows plus exact copies (case, spacing) and near copies (a word changed)."""
+    alpaca = ROOT / "tests" / "selectors" / "data" / "alpaca_farm_eval_gpt35_100.jsonl"
+    rows = [json.loads(x) for x in alpaca.read_text().splitlines()[:40]]
+    exact = [{**r, "instruction": str(r["instruction"]).upper()} for r in rows[:8]]
+    near = [{**r, "output": str(r["output"]).replace(" the ", " a ", 1)} for r in rows[8:16]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + exact + near))
+    return path
+
+
+def test_global_dedup_runs_on_the_dask_cluster(tmp_path: Path) -> None:
+    """exact and MinHash dedup run as Dask jobs on the runner's cluster and keep what the
+    threads runner keeps."""
+    mapping = {
+        "name": "dedup-on-dask",
+        "part_rows": 16,
+        "input": {
+            "path": str(_planted_alpaca(tmp_path / "planted.jsonl")),
+            "mapping": {"prompt": "instruction", "input": "input", "response": "output"},
+        },
+        "stages": [{"exact_dedup": {}}, {"minhash_dedup": {"batch_size": 20}}],
+    }
+    recipe = tmp_path / "dedup.yaml"
+    recipe.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    threads = run_recipe(recipe, tmp_path / "threads", show_progress=False)
+    dask = run_recipe(recipe, tmp_path / "dask", runner=DASK, show_progress=False)
+    assert _same_dataset(threads, dask).height < 56 - 8
+    for stage in ("exact_dedup", "minhash_dedup"):
+        (folder,) = (tmp_path / "dask").glob(f"*_{stage}-*")
+        extra = json.loads((folder / "_SUCCESS.json").read_text())["extra"]
+        assert str(extra["dask_scheduler"]).startswith("tcp://")
+        assert _stage_rows(tmp_path / "threads", stage).equals(
+            _stage_rows(tmp_path / "dask", stage)
+        )
