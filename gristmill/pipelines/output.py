@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from gristmill import __version__
+from gristmill.frames import cut_into_parts
 from gristmill.pipelines.checkpoint import atomic_write_json, atomic_write_text, parquet_rows
 from gristmill.pipelines.layout import RunLayout
-from gristmill.pipelines.parts import common_schema, cut_into_parts, read_part
+from gristmill.pipelines.parts import common_schema, read_part
 from gristmill.pipelines.recipe import Recipe
 from gristmill.records import (
     RecordError,

@@ -5,13 +5,13 @@
 empty parts left out unless all are empty. `common_schema` computes that schema from the
 parts' footers and `read_part` reads one part under it, so a global stage and the dataset
 writer can go part by part, holding one part in memory, and get the rows, columns and types
-a whole read gives. `cut_into_parts` turns the frames they produce into frames of a fixed
-number of rows, as the stage's output parts and the dataset's shards are.
+a whole read gives (`gristmill.frames.cut_into_parts` then re-cuts them into output parts
+or shards).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -50,29 +50,3 @@ def read_part(
     )
     first = [index] if index is not None else []
     return frame.select(*first, *(pl.col(c).cast(schema[c]) for c in wanted))
-
-
-def cut_into_parts(frames: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
-    """The rows of `frames` in order, `rows` to a frame (the last may hold fewer). Frames
-    without any row give one empty frame with the first one's columns; no frames, none."""
-    held: list[pl.DataFrame] = []
-    count = 0
-    first: pl.DataFrame | None = None
-    wrote = False
-    for frame in frames:
-        if first is None:
-            first = frame.head(0)
-        if not frame.height:
-            continue
-        held.append(frame)
-        count += frame.height
-        while count >= rows:
-            whole = pl.concat(held) if len(held) > 1 else held[0]
-            yield whole.head(rows)
-            wrote = True
-            rest = whole.slice(rows)
-            held, count = ([rest] if rest.height else []), rest.height
-    if held:
-        yield pl.concat(held) if len(held) > 1 else held[0]
-    elif not wrote and first is not None:
-        yield first

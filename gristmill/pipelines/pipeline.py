@@ -29,6 +29,7 @@ import polars as pl
 from gristmill.embed import Embedder, get_embedder
 from gristmill.engines.base import Engine, EngineStats, sum_engine_stats
 from gristmill.engines.factory import EngineSpec, close_engine, get_engine, is_running
+from gristmill.frames import cut_into_parts
 from gristmill.pipelines.checkpoint import (
     atomic_write_json,
     atomic_write_parquet,
@@ -43,7 +44,7 @@ from gristmill.pipelines.generators import generate_input
 from gristmill.pipelines.layout import RunLayout, part_name
 from gristmill.pipelines.memory import release_freed_memory
 from gristmill.pipelines.output import FinishedRun, write_dataset
-from gristmill.pipelines.parts import common_schema, cut_into_parts, read_part
+from gristmill.pipelines.parts import common_schema, read_part
 from gristmill.pipelines.recipe import Input, Recipe
 from gristmill.pipelines.stage import (
     ROW_COLUMN,

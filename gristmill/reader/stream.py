@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from gristmill.frames import cut_into_parts
 from gristmill.reader.blocks import MISSING, BlockSize, RowBlock, iter_blocks
 from gristmill.reader.columnar import core_columnar, first_rejected
 from gristmill.reader.plan import Plan, make_plan
@@ -132,24 +133,6 @@ def _limited(frames: Iterable[pl.DataFrame], limit: int | None) -> Iterator[pl.D
         yield frame
 
 
-def _batches(frames: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
-    """The frames' rows re-cut into frames of `rows` rows, the last one shorter; an input cut
-    to no rows still gives one empty frame, which carries the schema."""
-    pending: list[pl.DataFrame] = []
-    held, handed_out = 0, False
-    for frame in frames:
-        pending.append(frame)
-        held += frame.height
-        while held >= rows:
-            joined = pl.concat(pending) if len(pending) > 1 else pending[0]
-            yield joined.head(rows)
-            handed_out = True
-            rest = joined.slice(rows)
-            pending, held = [rest], rest.height
-    if pending and (held or not handed_out):
-        yield pl.concat(pending)
-
-
 def iter_record_batches(
     path: str | Path,
     *,
@@ -180,7 +163,7 @@ def iter_record_batches(
         split=split,
         size=size if size is not None else DEFAULT_BLOCK,
     )
-    yield from _batches(_limited(frames, limit), rows)
+    yield from cut_into_parts(_limited(frames, limit), rows)
 
 
 def read_records(

@@ -8,8 +8,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from gristmill.frames import cut_into_parts
 from gristmill.pipelines.checkpoint import read_parts
-from gristmill.pipelines.parts import common_schema, cut_into_parts, read_part
+from gristmill.pipelines.parts import common_schema, read_part
 
 
 def parts(tmp_path: Path) -> list[Path]:
