@@ -47,30 +47,19 @@ class Outcome:
 
 
 class BudgetPolicy:
-    """Wraps a policy so the whole run spends at most `budget` samples (queries in order)."""
+    """Wraps a policy so the whole run spends at most `budget` samples: each request takes
+    what is left of it (queries asked in order, so the last round may be cut short)."""
 
     def __init__(self, inner: Any, budget: int) -> None:
-        self.inner, self.budget = inner, budget
+        self.inner, self.left = inner, budget
 
-    def next_round(self, state: Any, queries: Sequence[Any]) -> dict[str, int]:
-        left = self.budget - sum(c.trials for c in state.counters.values())
-        wanted = self.inner.next_round(state, queries)
-        if sum(wanted.values()) <= left:
-            return dict(wanted)
-        out = dict.fromkeys(wanted, 0)
-        while left > 0:  # a short last round is shared out one sample at a time
-            progressed = False
-            for qid, n in wanted.items():
-                if left and out[qid] < n:
-                    out[qid] += 1
-                    left -= 1
-                    progressed = True
-            if not progressed:
-                break
-        return {k: v for k, v in out.items() if v}
+    def wants(self, query_id: str, counter: Any, requests: int) -> int:
+        give = min(self.inner.wants(query_id, counter, requests), self.left)
+        self.left -= give
+        return give
 
-    def after_round(self, state: Any, queries: Sequence[Any]) -> None:
-        self.inner.after_round(state, queries)
+    def after(self, query_id: str, counter: Any, requests: int) -> None:
+        self.inner.after(query_id, counter, requests)
 
 
 def main() -> None:

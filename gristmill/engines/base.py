@@ -13,6 +13,7 @@ fails the same way every time. Backends turn their own transport errors into `Se
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypedDict, runtime_checkable
@@ -69,7 +70,11 @@ class Completion:
 
 @dataclass
 class EngineStats:
-    """Counters an engine keeps so stages can report calls, tokens and throughput."""
+    """Counters an engine keeps so stages can report calls, tokens and throughput.
+
+    `seconds` is the time at least one request of this counter was in flight: requests that
+    overlap (submitted together into a continuous batch) count their shared time once.
+    """
 
     calls: int = 0
     prompts: int = 0
@@ -77,17 +82,26 @@ class EngineStats:
     output_tokens: int = 0
     seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _active: int = field(default=0, repr=False, compare=False)
+    _since: float = field(default=0.0, repr=False, compare=False)
 
-    def record(
-        self, *, prompts: int, prompt_tokens: int, output_tokens: int, seconds: float
-    ) -> None:
-        """Add one engine call's counts (thread-safe)."""
+    def begin(self) -> None:
+        """A request (or a batch of them) starts (thread-safe)."""
         with self._lock:
+            if self._active == 0:
+                self._since = time.perf_counter()
+            self._active += 1
+
+    def end(self, *, prompts: int, prompt_tokens: int, output_tokens: int) -> None:
+        """The request or batch `begin` announced has finished with these counts."""
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self.seconds += time.perf_counter() - self._since
             self.calls += 1
             self.prompts += prompts
             self.prompt_tokens += prompt_tokens
             self.output_tokens += output_tokens
-            self.seconds += seconds
 
     def snapshot(self) -> dict[str, float]:
         """A plain-dict copy, for stage stats and manifests."""

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from gristmill.engines.base import (
@@ -25,6 +26,7 @@ from gristmill.engines.base import (
     check_prompts,
     per_prompt,
 )
+from gristmill.engines.continuous import Feeder, FeederStats
 from gristmill.engines.models import DEFAULT_MODEL, resolve_model
 from gristmill.reaper import child_pids, watch_children
 
@@ -122,8 +124,14 @@ def llm_options(options: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
 class VLLMEngine:
     """An in-process vLLM engine implementing `gristmill.engines.base.Engine`.
 
-    `options` go straight to `vllm.LLM` (tensor_parallel_size, gpu_memory_utilization,
-    max_model_len, dtype, quantization, enable_prefix_caching, ...).
+    `options` go straight to `vllm.LLM` (tensor_parallel_size, data_parallel_size,
+    gpu_memory_utilization, max_model_len, dtype, quantization, enable_prefix_caching, ...),
+    except `max_in_flight`: how many `submit`ted requests the engine holds at once (default
+    twice vLLM's `max_num_seqs`, so a finished sequence's slot is refilled at once).
+
+    Two ways in: `generate` is one batch in one call (reproducible: the batch is exactly the
+    call's prompts); `submit` adds one request to the running batch (continuous, see
+    `engines.continuous`) and is safe from any thread.
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class VLLMEngine:
         if on_cpu:
             for key, value in cpu_env_defaults(os.cpu_count()).items():
                 os.environ.setdefault(key, value)
+        max_in_flight = options.pop("max_in_flight", None)
         self.options = llm_options(options, on_cpu=on_cpu)
         start = time.perf_counter()
         before = child_pids()
@@ -155,6 +164,43 @@ class VLLMEngine:
         self._tokenizer: Any = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         self._lock = threading.Lock()
+        scheduler = self._llm.llm_engine.vllm_config.scheduler_config
+        self.max_in_flight = int(max_in_flight or 2 * scheduler.max_num_seqs)
+        self._feeder: Feeder | None = None
+        self._feeder_lock = threading.Lock()
+
+    # ---- continuous submission -----------------------------------------------------------
+    def submit(self, prompt: str, sampling: Sampling) -> Future[list[Completion]]:
+        """Add one request to the running batch; the future gives its `n` completions."""
+        check_prompts([prompt])
+        if self._llm is None:
+            raise RuntimeError(f"the vLLM engine for {self.model_id!r} was closed")
+        (engine_input,) = prompt_inputs([prompt], self._tokenizer)
+        raw = self._get_feeder().submit(engine_input, self._to_params(sampling))
+        done: Future[list[Completion]] = Future()
+
+        def finish(f: Future[Any]) -> None:
+            error = f.exception()
+            if error is None:
+                done.set_result(self._completions(f.result(), sampling))
+            elif isinstance(error, self._validation_error):
+                done.set_exception(self._rejected(error, [prompt], reserve=1, index=None))
+            else:
+                done.set_exception(error)
+
+        raw.add_done_callback(finish)
+        return done
+
+    def feeder_stats(self) -> FeederStats | None:
+        """In-flight counters of continuous submission (None before the first `submit`)."""
+        feeder = self._feeder
+        return feeder.stats() if feeder is not None else None
+
+    def _get_feeder(self) -> Feeder:
+        with self._feeder_lock:
+            if self._feeder is None:
+                self._feeder = Feeder(self._llm, self._lock, max_in_flight=self.max_in_flight)
+            return self._feeder
 
     # ---- Engine protocol -------------------------------------------------------------
     def generate(
@@ -167,17 +213,19 @@ class VLLMEngine:
         samplings = per_prompt(sampling, len(prompts))
         params = [self._to_params(s) for s in samplings]
         outputs = self._run(list(prompts), params, reserve=1)
-        results: list[list[Completion]] = []
-        for s, out in zip(samplings, outputs, strict=True):
-            prompt_tokens = len(out.prompt_token_ids or ())
-            done = [
-                _completion(c, prompt_tokens=prompt_tokens)
-                for c in sorted(out.outputs, key=lambda c: c.index)
-            ]
-            if len(done) == 1 < s.n:  # greedy n>1 was sent as n=1: every sample is the same
-                done = done * s.n
-            results.append(done)
-        return results
+        return [self._completions(out, s) for s, out in zip(samplings, outputs, strict=True)]
+
+    @staticmethod
+    def _completions(out: Any, sampling: Sampling) -> list[Completion]:
+        """One finished RequestOutput as its `n` completions, in sample order."""
+        prompt_tokens = len(out.prompt_token_ids or ())
+        done = [
+            _completion(c, prompt_tokens=prompt_tokens)
+            for c in sorted(out.outputs, key=lambda c: c.index)
+        ]
+        if len(done) == 1 < sampling.n:  # greedy n>1 was sent as n=1: every sample is the same
+            done = done * sampling.n
+        return done
 
     def prompt_logprobs(self, texts: Sequence[str]) -> list[list[float | None]]:
         """Log-probability of each token of each text given its prefix (first token: None).
@@ -238,6 +286,9 @@ class VLLMEngine:
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
+        if self._feeder is not None:
+            self._feeder.close()
+            self._feeder = None
         self._llm = None
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         shutdown = getattr(core, "shutdown", None)
@@ -255,20 +306,28 @@ class VLLMEngine:
                 inputs = prompt_inputs(prompts, self._tokenizer)
                 return list(self._llm.generate(inputs, params, use_tqdm=self._use_tqdm))
         except self._validation_error as exc:
-            limit = self.max_model_len - reserve
-            too_long = [
-                f"prompt {index[i] if index else i} has {n} tokens"
-                for i, n in enumerate(self.count_tokens(p) for p in prompts)
-                if n > limit
-            ]
-            detail = "; ".join(too_long[:5]) + (" ..." if len(too_long) > 5 else "")
-            hint = (
-                f" ({detail}; max_model_len is {self.max_model_len}, at least {reserve} "
-                "token(s) must be left for output)"
-                if too_long
-                else ""
-            )
-            raise ValueError(f"vLLM rejected the batch: {exc}{hint}") from exc
+            raise self._rejected(exc, prompts, reserve=reserve, index=index) from exc
+
+    def _rejected(
+        self, exc: Exception, prompts: list[str], *, reserve: int, index: list[int] | None
+    ) -> ValueError:
+        """vLLM's refusal as a ValueError naming the prompts that are too long."""
+        limit = self.max_model_len - reserve
+        too_long = [
+            f"prompt {index[i] if index else i} has {n} tokens"
+            for i, n in enumerate(self.count_tokens(p) for p in prompts)
+            if n > limit
+        ]
+        detail = "; ".join(too_long[:5]) + (" ..." if len(too_long) > 5 else "")
+        hint = (
+            f" ({detail}; max_model_len is {self.max_model_len}, at least {reserve} "
+            "token(s) must be left for output)"
+            if too_long
+            else ""
+        )
+        error = ValueError(f"vLLM rejected the batch: {exc}{hint}")
+        error.__cause__ = exc
+        return error
 
     def _to_params(self, sampling: Sampling) -> Any:
         greedy = sampling.temperature == 0

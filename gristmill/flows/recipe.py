@@ -9,6 +9,7 @@ ephemeral mode when no server is configured.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import time
@@ -26,7 +27,7 @@ from gristmill.flows.ref import PipelineRef, pipeline_for, planned_stage
 from gristmill.flows.retry import RetryPolicy
 from gristmill.flows.runners import RunnerSpec, make_task_runner, prepare_runner
 from gristmill.pipelines.cluster import DaskCluster, running_on
-from gristmill.pipelines.pipeline import PlannedStage, stage_line
+from gristmill.pipelines.pipeline import Pipeline, PlannedStage, stage_line
 from gristmill.pipelines.recipe import Recipe
 
 
@@ -91,6 +92,7 @@ def run_pipeline(
             )
     if not todo:
         return write_dataset_task(ref)
+    runner = _with_parts_in_flight(runner, pipeline)
     logger.info("task runner: %s", runner.describe())
     with make_task_runner(runner, api_url=_api_url()) as task_runner:
         prepare_runner(task_runner)
@@ -131,6 +133,15 @@ def run_pipeline(
             logger.info(stage_line(summary))
         _engines_for_stage(ref, task_runner, runner, None)
     return write_dataset_task(ref)
+
+
+def _with_parts_in_flight(runner: RunnerSpec, pipeline: Pipeline) -> RunnerSpec:
+    """The threads runner widened to `parts_in_flight` threads when a map stage calls an
+    LLM in continuous mode: one part's requests alone do not fill the engine's batch."""
+    llm_maps = any(p.is_map and p.engines for p in pipeline.stages if not pipeline.is_done(p))
+    if runner.kind != "threads" or pipeline.recipe.deterministic or not llm_maps:
+        return runner
+    return dataclasses.replace(runner, workers=max(runner.workers, runner.parts_in_flight))
 
 
 def _engines_for_stage(

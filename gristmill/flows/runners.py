@@ -29,12 +29,17 @@ class RunnerSpec:
     threads_per_worker: int = 1
     #: An existing cluster: a Dask scheduler (`tcp://host:8786`) or a Ray address.
     address: str | None = None
+    #: Threads runner, recipe not `deterministic`, some map stage calls an LLM: at least this
+    #: many parts run at once, so their requests share the engine's continuous batch.
+    parts_in_flight: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:
             raise ValueError(f"runner must be one of {list(RUNNERS)}, got {self.kind!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.parts_in_flight < 1:
+            raise ValueError(f"parts in flight must be >= 1, got {self.parts_in_flight}")
         if self.threads_per_worker < 1:
             raise ValueError(f"threads per worker must be >= 1, got {self.threads_per_worker}")
         if self.kind == "threads" and self.address is not None:

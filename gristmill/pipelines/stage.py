@@ -22,9 +22,9 @@ import inspect
 import json
 import re
 import threading
-import time
 import typing
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -324,14 +324,26 @@ def fingerprint(*parts: object) -> str:
 class MeteredEngine:
     """Wraps an engine to count calls, tokens and time for one stage part.
 
-    vLLM's in-process engine is not thread-safe, so calls through one shared engine are
-    serialized with the lock shared by every wrapper of it.
+    Continuous (the default where the engine can `submit`): every request joins the
+    engine's running batch, from any thread, without a lock. Otherwise (deterministic mode,
+    or an engine without `submit`) each `generate` is one batch, serialized with the lock
+    shared by every wrapper of that engine, since vLLM's `LLM` is not thread-safe.
     """
 
-    def __init__(self, engine: Engine, stats: EngineStats, lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        stats: EngineStats,
+        lock: threading.Lock,
+        *,
+        continuous: bool = False,
+    ) -> None:
         self._engine = engine
         self.stats = stats
         self._lock = lock
+        self._submit: Callable[[str, Sampling], Future[list[Completion]]] | None = (
+            getattr(engine, "submit", None) if continuous else None
+        )
 
     @property
     def model_id(self) -> str:
@@ -346,37 +358,71 @@ class MeteredEngine:
         """The wrapped engine."""
         return self._engine
 
+    @property
+    def continuous(self) -> bool:
+        """Whether requests go into the engine's running batch (no per-call barrier)."""
+        return self._submit is not None
+
     def generate(
         self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling]
     ) -> list[list[Completion]]:
+        """`n` completions per prompt; continuous: each prompt its own request, all in
+        flight at once; otherwise one locked batch."""
         if not prompts:
             return []
         params = per_prompt(sampling, len(prompts))
-        with self._lock:
-            start = time.perf_counter()
-            out = self._engine.generate(prompts, params)
-            seconds = time.perf_counter() - start
-        self.stats.record(
-            prompts=len(prompts),
-            prompt_tokens=sum(c[0].prompt_tokens for c in out if c),
-            output_tokens=sum(x.output_tokens for c in out for x in c),
-            seconds=seconds,
-        )
+        self.stats.begin()
+        out: list[list[Completion]] = []
+        try:
+            if self._submit is not None:
+                futures = [self._submit(p, s) for p, s in zip(prompts, params, strict=True)]
+                out = [f.result() for f in futures]
+            else:
+                with self._lock:
+                    out = self._engine.generate(prompts, params)
+        finally:
+            self.stats.end(
+                prompts=len(prompts),
+                prompt_tokens=sum(c[0].prompt_tokens for c in out if c),
+                output_tokens=sum(x.output_tokens for c in out for x in c),
+            )
         return out
+
+    def submit(self, prompt: str, sampling: Sampling) -> Future[list[Completion]]:
+        """One request whose result is wanted as soon as it is back (a loop without round
+        barriers); without continuous submission it runs now and the future is done."""
+        if self._submit is None:
+            done: Future[list[Completion]] = Future()
+            try:
+                done.set_result(self.generate([prompt], sampling)[0])
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
+        self.stats.begin()
+        future = self._submit(prompt, sampling)
+        future.add_done_callback(self._count_one)
+        return future
+
+    def _count_one(self, future: Future[list[Completion]]) -> None:
+        completions = [] if future.exception() is not None else future.result()
+        self.stats.end(
+            prompts=1,
+            prompt_tokens=completions[0].prompt_tokens if completions else 0,
+            output_tokens=sum(c.output_tokens for c in completions),
+        )
 
     def prompt_logprobs(self, texts: Sequence[str]) -> list[list[float | None]]:
         if not texts:
             return []
-        with self._lock:
-            start = time.perf_counter()
-            out = self._engine.prompt_logprobs(texts)
-            seconds = time.perf_counter() - start
-        self.stats.record(
-            prompts=len(texts),
-            prompt_tokens=sum(len(x) for x in out),
-            output_tokens=0,
-            seconds=seconds,
-        )
+        self.stats.begin()
+        out: list[list[float | None]] = []
+        try:
+            with self._lock:
+                out = self._engine.prompt_logprobs(texts)
+        finally:
+            self.stats.end(
+                prompts=len(texts), prompt_tokens=sum(len(x) for x in out), output_tokens=0
+            )
         return out
 
     def chat_prompt(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
@@ -411,6 +457,9 @@ class StageContext:
     extra_stats: dict[str, Any] = field(default_factory=dict)
     #: The Dask cluster a global stage may spread its work over (the Dask runner's), or None.
     cluster: DaskCluster | None = None
+    #: Requests join the engine's running batch (throughput); False: one batch per call,
+    #: reproducible where batch composition changes numerics (the recipe's `deterministic`).
+    continuous: bool = True
 
     def engine(self, name: str | None = None) -> MeteredEngine:
         """A recipe engine this stage declared (None: its first), started on first use and
@@ -427,7 +476,9 @@ class StageContext:
                 f"{list(self.engine_names)} (see Stage.engine_names)"
             )
         lock = self.engine_locks.setdefault(name, threading.Lock())
-        return MeteredEngine(self.engine_factory(name), self.engine_stats, lock)
+        return MeteredEngine(
+            self.engine_factory(name), self.engine_stats, lock, continuous=self.continuous
+        )
 
     def embedder(self) -> Embedder:
         """The run's embedding model (created on first use, shared by the whole process)."""

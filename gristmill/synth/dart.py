@@ -35,7 +35,7 @@ from gristmill.pipelines.stage import StageConfig
 from gristmill.pipelines.stats import ExtraStats, first
 from gristmill.synth.difficulty import counts_for, read_counters
 from gristmill.synth.rejection import SamplerStats, SolveConfig, VerifiedSampler
-from gristmill.synth.sampling import LoopState, Query
+from gristmill.synth.sampling import Counter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,35 +140,28 @@ class DartPolicy:
     def probing(self) -> bool:
         return self.cfg.strategy == "prop2diff" and self.provided is None
 
-    def next_round(self, state: LoopState, queries: Sequence[Query]) -> dict[str, int]:
+    def wants(self, query_id: str, counter: Counter, requests: int) -> int:
         cfg = self.cfg
-        if state.rounds == 0:
+        if requests == 0:
             if self.probing:
-                return {q.id: cfg.probe_samples for q in queries}
-            for q in queries:
-                c = state.counters[q.id]
-                if cfg.strategy == "uniform":
-                    c.target = cfg.k_u
-                else:
-                    assert self.provided is not None
-                    given = self.provided[q.id]
-                    c.fail_rate, c.target = given.fail_rate, given.target
-        out = {}
-        for q in queries:
-            c = state.counters[q.id]
-            assert c.target is not None
-            have = c.correct if cfg.count == "distinct" else c.raw_correct
-            if have < c.target and c.trials < cfg.max_trials:
-                out[q.id] = min(cfg.samples_per_round, cfg.max_trials - c.trials)
-        return out
+                return cfg.probe_samples
+            if cfg.strategy == "uniform":
+                counter.target = cfg.k_u
+            else:
+                assert self.provided is not None
+                given = self.provided[query_id]
+                counter.fail_rate, counter.target = given.fail_rate, given.target
+        assert counter.target is not None
+        have = counter.correct if cfg.count == "distinct" else counter.raw_correct
+        if have < counter.target and counter.trials < cfg.max_trials:
+            return min(cfg.samples_per_round, cfg.max_trials - counter.trials)
+        return 0
 
-    def after_round(self, state: LoopState, queries: Sequence[Query]) -> None:
-        if state.rounds == 1 and self.probing:
-            for q in queries:
-                c = state.counters[q.id]
-                failures = c.trials - c.raw_correct
-                c.fail_rate = fail_rate(failures, c.trials)
-                c.target = prop2diff_target(self.cfg.k_p, failures, c.trials)
+    def after(self, query_id: str, counter: Counter, requests: int) -> None:
+        if requests == 1 and self.probing:
+            failures = counter.trials - counter.raw_correct
+            counter.fail_rate = fail_rate(failures, counter.trials)
+            counter.target = prop2diff_target(self.cfg.k_p, failures, counter.trials)
 
 
 def fail_rate(failures: int, trials: int) -> float:

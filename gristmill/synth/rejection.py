@@ -32,6 +32,7 @@ from gristmill.records import (
     records_frame,
 )
 from gristmill.sandbox import ISOLATION_SETTINGS, IsolationSetting, require_isolation
+from gristmill.synth.continuous import run_loop
 from gristmill.synth.sampling import (
     Counter,
     LoopState,
@@ -39,7 +40,6 @@ from gristmill.synth.sampling import (
     Sample,
     SamplingSpec,
     round_bar,
-    run_rounds,
     samples_by_query,
     usable_queries,
     with_rejected,
@@ -119,18 +119,15 @@ class VanillaPolicy:
     def __init__(self, k: int, rounds: int, max_correct: int | None) -> None:
         self.k, self.rounds, self.max_correct = k, rounds, max_correct
 
-    def next_round(self, state: LoopState, queries: Sequence[Query]) -> dict[str, int]:
-        if state.rounds >= self.rounds:
-            return {}
-        out = {}
-        for q in queries:
-            c = state.counters[q.id]
-            c.target = self.max_correct
-            if self.max_correct is None or c.correct < self.max_correct:
-                out[q.id] = self.k
-        return out
+    def wants(self, query_id: str, counter: Counter, requests: int) -> int:
+        if requests >= self.rounds:
+            return 0
+        counter.target = self.max_correct
+        if self.max_correct is None or counter.correct < self.max_correct:
+            return self.k
+        return 0
 
-    def after_round(self, state: LoopState, queries: Sequence[Query]) -> None:
+    def after(self, query_id: str, counter: Counter, requests: int) -> None:
         return None
 
 
@@ -282,7 +279,7 @@ class VerifiedSampler(Map):
             bar.set_postfix(trials=trials, covered=f"{covered}/{len(queries)}")
 
         policy = self.policy(usable)
-        state = run_rounds(
+        state = run_loop(
             queries,
             policy,
             engine=engine,

@@ -1,12 +1,14 @@
-"""The verified-sampling loop shared by rejection sampling and DART.
+"""The verified-sampling loop shared by rejection sampling and DART, in rounds.
 
-Each round asks an allocation policy how many more samples every unfinished query gets,
-sends the whole round as ONE `generate` call (one request per query with `n` samples and a
-seed derived from the query id and the round), verifies every sample against the query's
-reference, and updates the per-query counters. After each round the new samples and the
-counters are written to the part's state folder, so a crashed run resumes from the last
-finished round: no query is sampled again from zero, no round is sampled twice, and the
-seeds make the resumed run's samples the same as an uninterrupted run's.
+An allocation policy says, per query, how many samples its next request asks for (from that
+query's own counters and how many requests it has had). This module's `run_rounds` is the
+deterministic mode: each round sends every unfinished query's request as ONE `generate`
+call (one request per query with `n` samples and a seed derived from the query id and the
+round), verifies every sample against the query's reference, and updates the per-query
+counters. After each round the new samples and the counters are written to the part's state
+folder, so a crashed run resumes from the last finished round: no query is sampled again
+from zero, no round is sampled twice, and the seeds make the resumed run's samples the same
+as an uninterrupted run's. `synth.continuous` runs the same policy without round barriers.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from typing import Any, Protocol
 import polars as pl
 from tqdm import tqdm
 
-from gristmill.engines.base import Sampling
+from gristmill.engines.base import Completion, Sampling
 from gristmill.pipelines.checkpoint import atomic_write_parquet, read_loop_state, write_loop_state
 from gristmill.pipelines.stage import MeteredEngine, StageContext
 from gristmill.records import DROP_REASON
-from gristmill.verify.base import Verifier, verify_many
+from gristmill.verify.base import Verdict, Verifier, verify_many
 
 log = logging.getLogger("gristmill.sampling")
 
 STATE_FILE = "state.json"
+#: The continuous loop's per-request log (see `synth.continuous`).
+LOG_FILE = "requests.jsonl"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,11 +86,20 @@ class LoopState:
 
 
 class Policy(Protocol):
-    """Decides how many samples each query gets in the next round (empty: the loop ends)."""
+    """Decides, query by query, how many samples the query's next request asks for.
 
-    def next_round(self, state: LoopState, queries: Sequence[Query]) -> dict[str, int]: ...
+    `requests` is how many requests of that query have been counted so far (its round
+    number). Both loops ask the same questions in the same order per query, so a query's
+    k-th request has the same size and seed in either mode.
+    """
 
-    def after_round(self, state: LoopState, queries: Sequence[Query]) -> None: ...
+    def wants(self, query_id: str, counter: Counter, requests: int) -> int:
+        """Samples for the query's next request; 0 when the query is finished."""
+        ...
+
+    def after(self, query_id: str, counter: Counter, requests: int) -> None:
+        """Called once the query's `requests`-th request has been counted."""
+        ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,36 +267,27 @@ def run_rounds(
     progress: Callable[[LoopState], None] | None = None,
 ) -> LoopState:
     """Sample, verify and count round by round until the policy asks for nothing more."""
-    ids = [q.id for q in queries]
-    if len(set(ids)) != len(ids):
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"queries must have distinct ids; repeated: {dupes[:5]}")
+    if state_dir is not None and (state_dir / LOG_FILE).exists():
+        raise RuntimeError(
+            f"{state_dir}: this part was begun without round barriers (deterministic: false); "
+            "resume it that way, or remove the folder to start the part again"
+        )
+    ids = distinct_ids(queries)
     by_id = {q.id: q for q in queries}
     state = load_state(state_dir, ids)
     if state is None:
         state = LoopState(counters={q.id: Counter() for q in queries})
     else:
         log.info("resuming after round %d (%d samples so far)", state.rounds, len(state.samples))
-    seen: dict[str, set[str]] = {q.id: set() for q in queries}
-    for s in state.samples:
-        if s.distinct_correct and dedup != "none":
-            seen[s.query_id].add(dedup_key(s.text, dedup))
+    seen = seen_keys(state, ids, dedup)
     while True:
-        wanted = {qid: n for qid, n in policy.next_round(state, queries).items() if n > 0}
-        if not wanted:
+        asked = {qid: policy.wants(qid, state.counters[qid], state.rounds) for qid in ids}
+        order = [qid for qid in ids if asked[qid] > 0]
+        if not order:
             return state
-        order = [qid for qid in ids if qid in wanted]
         seeds = [seed_for(qid, state.rounds) for qid in order]
         params = [
-            Sampling(
-                n=wanted[qid],
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                max_tokens=spec.max_tokens,
-                stop=spec.stop,
-                seed=seed,
-            )
-            for qid, seed in zip(order, seeds, strict=True)
+            request_sampling(spec, asked[qid], seed) for qid, seed in zip(order, seeds, strict=True)
         ]
         outs = engine.generate([by_id[qid].prompt_text for qid in order], params)
         jobs = [
@@ -295,43 +299,94 @@ def run_rounds(
             verifier, [(c.text, by_id[qid].reference) for qid, _, _, c in jobs], verify_workers
         )
         new: list[Sample] = []
-        for (qid, seed, j, c), v in zip(jobs, verdicts, strict=True):
-            counter = state.counters[qid]
-            counter.trials += 1
-            truncated = c.finish_reason == "length"
-            ok = v.correct and not truncated
-            distinct = False
-            if ok:
-                counter.raw_correct += 1
-                key = None if dedup == "none" else dedup_key(c.text, dedup)
-                if key is None or key not in seen[qid]:
-                    if key is not None:
-                        seen[qid].add(key)
-                    counter.correct += 1
-                    distinct = True
-            new.append(
-                Sample(
-                    query_id=qid,
-                    round=state.rounds,
-                    index=j,
-                    seed=seed + j,  # vLLM seeds the j-th of n samples with seed + j
-                    text=c.text,
-                    finish_reason=c.finish_reason,
-                    output_tokens=c.output_tokens,
-                    correct=ok,
-                    extracted=v.extracted,
-                    reason="truncated" if truncated and v.correct else v.reason,
-                    distinct_correct=distinct,
-                )
+        for qid, seed, cands in zip(order, seeds, outs, strict=True):
+            mine, verdicts = verdicts[: len(cands)], verdicts[len(cands) :]
+            new += count_samples(
+                state.counters[qid], seen[qid], qid, state.rounds, seed, cands, mine, dedup
             )
         state.samples.extend(new)
         state.rounds += 1
         state.calls += 1
-        policy.after_round(state, queries)
+        for qid in order:
+            policy.after(qid, state.counters[qid], state.rounds)
         if state_dir is not None:
             save_round(state_dir, state, new, ids)
         if progress is not None:
             progress(state)
+
+
+def distinct_ids(queries: Sequence[Query]) -> list[str]:
+    """The queries' ids in order; repeated ids are an error."""
+    ids = [q.id for q in queries]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"queries must have distinct ids; repeated: {dupes[:5]}")
+    return ids
+
+
+def seen_keys(state: LoopState, ids: Sequence[str], dedup: str) -> dict[str, set[str]]:
+    """Per query, the dedup keys of its distinct correct samples so far."""
+    seen: dict[str, set[str]] = {qid: set() for qid in ids}
+    for s in state.samples:
+        if s.distinct_correct and dedup != "none":
+            seen[s.query_id].add(dedup_key(s.text, dedup))
+    return seen
+
+
+def request_sampling(spec: SamplingSpec, n: int, seed: int) -> Sampling:
+    """One query's request: `n` samples from `seed` with the loop's settings."""
+    return Sampling(
+        n=n,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        max_tokens=spec.max_tokens,
+        stop=spec.stop,
+        seed=seed,
+    )
+
+
+def count_samples(
+    counter: Counter,
+    seen: set[str],
+    query_id: str,
+    round_index: int,
+    seed: int,
+    completions: Sequence[Completion],
+    verdicts: Sequence[Verdict],
+    dedup: str,
+) -> list[Sample]:
+    """One request's completions as Samples, counted into the query's counter (a truncated
+    answer never counts as correct; a correct one counts as distinct once per dedup key)."""
+    new: list[Sample] = []
+    for j, (c, v) in enumerate(zip(completions, verdicts, strict=True)):
+        counter.trials += 1
+        truncated = c.finish_reason == "length"
+        ok = v.correct and not truncated
+        distinct = False
+        if ok:
+            counter.raw_correct += 1
+            key = None if dedup == "none" else dedup_key(c.text, dedup)
+            if key is None or key not in seen:
+                if key is not None:
+                    seen.add(key)
+                counter.correct += 1
+                distinct = True
+        new.append(
+            Sample(
+                query_id=query_id,
+                round=round_index,
+                index=j,
+                seed=seed + j,  # vLLM seeds the j-th of n samples with seed + j
+                text=c.text,
+                finish_reason=c.finish_reason,
+                output_tokens=c.output_tokens,
+                correct=ok,
+                extracted=v.extracted,
+                reason="truncated" if truncated and v.correct else v.reason,
+                distinct_correct=distinct,
+            )
+        )
+    return new
 
 
 def samples_by_query(state: LoopState) -> dict[str, list[Sample]]:

@@ -136,6 +136,7 @@ def test_yaml_to_dict_and_back_round_trips_exactly(path: Path) -> None:
         "name",
         "seed",
         "part_rows",
+        "deterministic",
         "input",
         "engines",
         "embedder",
