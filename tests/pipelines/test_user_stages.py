@@ -9,7 +9,9 @@ redoing finished parts. Bad stage references fail with messages that say what to
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -23,7 +25,11 @@ import pytest
 import yaml
 
 import gristmill as gm
+from gristmill.flows.ref import PipelineRef
 from gristmill.pipelines.config import RecipeError
+from gristmill.pipelines.layout import RunLayout
+from gristmill.pipelines.pipeline import Pipeline
+from gristmill.pipelines.stage import Stage
 
 ROOT = Path(__file__).resolve().parents[2]
 ALPACA = ROOT / "tests" / "selectors" / "data" / "alpaca_farm_eval_gpt35_100.jsonl"
@@ -290,3 +296,88 @@ def test_keep_must_return_a_verdict(user_dir: Path) -> None:
         r"returned None for id 'x1'",
     ):
         Broken().process(frame, None)  # type: ignore[arg-type]
+
+
+def readme_filter() -> str:
+    """The complete filter of the README's "Write your own stage" section."""
+    section = (ROOT / "README.md").read_text().split("### Write your own stage", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_filter_is_the_one_these_tests_run() -> None:
+    code = readme_filter()
+    assert code.startswith("# my_stages.py\n")
+    assert code.removeprefix("# my_stages.py\n") in textwrap.dedent(USER_MODULE)
+    assert len(code.removeprefix("# my_stages.py\n").splitlines()) == 10
+
+
+def small_recipe(*stages: Stage) -> gm.Recipe:
+    """30 AlpacaFarm answers in 2 parts through `stages`, built in Python (no file)."""
+    return gm.Recipe(
+        name="py-built",
+        part_rows=15,
+        input=gm.Input(path=str(ALPACA), mapping=MAPPING, limit=30),
+        stages=stages,
+    )
+
+
+def test_python_recipe_manifest_card_and_worker_payload_come_from_the_typed_recipe(
+    user_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import my_stages
+
+    monkeypatch.setattr(my_stages.MinWords, "citation", "Doe (2024), Counting words")
+    recipe = small_recipe(
+        my_stages.MinWords(min_words=30),
+        gm.stages.MinHashDedup(),
+        gm.stages.RandomSelect(budget=5),
+    )
+    data = recipe.to_dict()
+    assert data["stages"][0] == {"my_stages:MinWords": {"min_words": 30}}
+    assert gm.Recipe(**data) == recipe and gm.Recipe.from_dict(data).to_dict() == data
+
+    # what a Dask or Ray worker receives: JSON of to_dict(), picklable, the same recipe
+    ref = pickle.loads(pickle.dumps(PipelineRef.of(recipe, tmp_path / "run")))
+    assert json.loads(ref.recipe_json) == data and ref.recipe() == recipe
+
+    layout = RunLayout(tmp_path / "run")
+    Pipeline(recipe, layout.root, show_progress=False).run()
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["recipe"] == {"name": "py-built", "path": None, "resolved": data}
+    card = (layout.dataset_dir / "README.md").read_text()
+    methods = card.split("## Methods\n\n", 1)[1].split("\n\n", 1)[0]
+    assert methods.splitlines() == [
+        "- **min_words**: Doe (2024), Counting words",
+        f"- **minhash_dedup**: {gm.stages.MinHashDedup.citation}",
+    ]
+    assert f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```" in card
+
+
+def test_class_path_and_version_enter_the_fingerprint_and_the_manifest(
+    user_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import my_stages
+
+    (user_dir / "other_stages.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(user_dir))
+    import other_stages
+
+    def run(stage: Stage, name: str) -> tuple[str, dict[str, object]]:
+        pipe = Pipeline(small_recipe(stage), tmp_path / name, show_progress=False)
+        pipe.run()
+        (summary,) = json.loads(pipe.layout.manifest.read_text())["stages"]
+        assert summary["fingerprint"] == pipe.stages[0].fingerprint
+        return pipe.stages[0].fingerprint, summary
+
+    base, summary = run(my_stages.MinWords(min_words=30), "base")
+    assert (summary["key"], summary["class"], summary["version"]) == (
+        "my_stages:MinWords",
+        "my_stages:MinWords",
+        "1",
+    )
+    moved, summary = run(other_stages.MinWords(min_words=30), "moved")
+    assert moved != base and summary["class"] == "other_stages:MinWords"
+    monkeypatch.setattr(my_stages.MinWords, "version", "2")
+    bumped, summary = run(my_stages.MinWords(min_words=30), "bumped")
+    assert bumped not in (base, moved) and summary["version"] == "2"
+    sys.modules.pop("other_stages", None)
