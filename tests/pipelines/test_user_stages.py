@@ -132,7 +132,7 @@ def run_cli(user_dir: Path, tmp: Path, *args: str) -> None:
 
 
 def dataset(run: Path) -> pl.DataFrame:
-    return pl.read_parquet(run / "dataset" / "data" / "*.parquet")
+    return pl.read_parquet(RunLayout(run).dataset_data / "*.parquet")
 
 
 @pytest.mark.slow
@@ -162,7 +162,7 @@ def test_custom_stages_run_the_same_on_cli_python_and_dask(user_dir: Path, tmp_p
     assert dataset(tmp_path / "dask").equals(cli)
 
     # the custom stages are recorded by class path and version, with their whole config
-    manifest = yaml.safe_load((tmp_path / "cli" / "manifest.json").read_text())
+    manifest = json.loads(RunLayout(tmp_path / "cli").manifest.read_text())
     first = manifest["stages"][0]
     assert (first["key"], first["class"], first["version"]) == (
         "my_stages:MinWords",
@@ -201,6 +201,7 @@ def test_custom_stage_killed_mid_run_resumes_without_redoing_parts(
 ) -> None:
     out = tmp_path / "run"
     slow = write_recipe(tmp_path / "slow.yaml", delay_s=4.0)
+    stage_dir = Pipeline(gm.Recipe.from_yaml(slow), out).stages[1].dir  # word_count's folder
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(
         gristmill_cmd("run", str(slow), "--out", str(out), "--no-progress"),
@@ -212,23 +213,23 @@ def test_custom_stage_killed_mid_run_resumes_without_redoing_parts(
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if list(out.glob("02_word_count-*/part-00001.parquet")):
+            if RunLayout.part(stage_dir, 1).exists():
                 break
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    (stage_dir,) = out.glob("02_word_count-*")
-    done = {p.name: p.stat().st_mtime_ns for p in stage_dir.glob("part-*.parquet")}
+    assert [p.name for p in out.glob("02_word_count-*")] == [stage_dir.name]
+    done = {p.name: p.stat().st_mtime_ns for p in RunLayout.written_parts(stage_dir)}
     assert 2 <= len(done) < 4, f"the kill must land mid-stage: {sorted(done)}"
-    assert not (stage_dir / "_SUCCESS.json").exists()
+    assert not RunLayout.success(stage_dir).exists()
 
     # delay_s is unhashed: the fast rerun has the same fingerprints, so it resumes
     fast = gm.Recipe.from_yaml(write_recipe(tmp_path / "fast.yaml"))
     fast.run(out, show_progress=False)
     for name, mtime in done.items():
         assert (stage_dir / name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
-    assert len(list(stage_dir.glob("part-*.parquet"))) == 4
+    assert len(RunLayout.written_parts(stage_dir)) == 4
     fast.run(tmp_path / "clean", show_progress=False)
     assert dataset(out).equals(dataset(tmp_path / "clean"))
 
