@@ -19,10 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gristmill.pipelines.layout import LOGS
+from gristmill.pipelines.layout import RunLayout
 
-LOG_NAME = "run.log"
-VLLM_CONFIG_NAME = "vllm-logging.json"
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 #: Noisy at INFO wherever they log: one line per HTTP request.
 CHATTY = ("httpx", "httpcore")
@@ -78,9 +76,9 @@ def _is_console(handler: logging.Handler) -> bool:
 def route_logs(run_dir: str | Path, *, verbose: bool = False) -> Path:
     """Send this process's logs (and vLLM's, in processes started after this call) to
     `RUN/logs/run.log`; keep the terminal quiet unless `verbose`. Returns the log's path."""
-    folder = Path(run_dir) / LOGS
-    folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / LOG_NAME
+    layout = RunLayout(Path(run_dir))
+    layout.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = layout.run_log
     root = logging.getLogger()
     for handler in [h for h in root.handlers if _is_console(h)]:
         root.removeHandler(handler)
@@ -99,7 +97,7 @@ def route_logs(run_dir: str | Path, *, verbose: bool = False) -> Path:
         return log_path
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
-    config = folder / VLLM_CONFIG_NAME
+    config = layout.vllm_logging_config
     config.write_text(json.dumps(vllm_logging_config(log_path), indent=2) + "\n")
     os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(config))
     # vLLM's engine processes print deprecation warnings of torch's straight to stderr

@@ -71,6 +71,7 @@ from gristmill.filters.agreement import (
 )
 from gristmill.filters.options import option_probabilities
 from gristmill.pipelines.stage import LLMConfig, Map, MeteredEngine, StageConfig, StageContext
+from gristmill.pipelines.stats import ExtraStats, first, per_round, summed
 from gristmill.records import DROP_REASON, record_id, score_column
 from gristmill.selectors.grape import LogprobEngine, split_conversation
 
@@ -240,6 +241,30 @@ def lowest_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(order[:count])
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClearStats(ExtraStats):
+    """Rows scored, dropped and corrected (summed over parts); the mean confidence follows."""
+
+    rows: int = summed()
+    scored: int = summed()
+    confidence_sum: float = summed(0.0)
+    low_confidence: int = summed()
+    lowest_confidence: int = summed()
+    #: How sample agreement was judged (the config's; the same in every part).
+    agreement: str | None = first()
+    agreement_pairs: int = summed()
+    agreement_by_checker: int = summed()
+    agreement_by_engine: int = summed()
+    judged: int = summed()
+    corrected: int = summed()
+    #: Rows each auto-correct round replaced.
+    corrected_per_round: tuple[int, ...] = per_round()
+
+    def derived(self) -> dict[str, Any]:
+        """The mean confidence over the scored rows (None: none scored)."""
+        return {"mean_confidence": self.confidence_sum / self.scored if self.scored else None}
+
+
 class Clear(Map):
     """CLEAR/BSDetector confidence (`score__clear`), then optional auto-correct and auto-filter."""
 
@@ -252,6 +277,7 @@ class Clear(Map):
         "Uncertainty in Answers from any Language Model (BSDetector). arXiv:2308.16175"
     )
     Config: ClassVar[type[StageConfig]] = ClearConfig
+    Stats: ClassVar[type[ExtraStats] | None] = ClearStats
     uses_engine: ClassVar[bool] = True
     uses_embedder: ClassVar[bool] = True
     config: ClearConfig
@@ -311,22 +337,21 @@ class Clear(Map):
         if cfg.auto_correct:
             out = out.with_columns(_scatter(JUDGE, n, rows, judged))
         reasons = self._drop_reasons(n, rows, scores.confidence)
-        ctx.extra_stats.update(
-            {
-                "rows": n,
-                "scored": m,
-                "mean_confidence": float(np.mean(scores.confidence)) if m else None,
-                "low_confidence": reasons.count("low_confidence"),
-                "lowest_confidence": reasons.count("lowest_confidence"),
-                "agreement": cfg.agreement,
-                "agreement_pairs": tally.pairs,
-                "agreement_by_checker": tally.by_checker,
-                "agreement_by_engine": tally.by_engine,
-                "judged": int(np.isfinite(judged).sum()),
-                "corrected": sum(per_round),
-                "corrected_per_round": per_round,
-            }
+        stats = ClearStats(
+            rows=n,
+            scored=m,
+            confidence_sum=float(np.sum(scores.confidence)),
+            low_confidence=reasons.count("low_confidence"),
+            lowest_confidence=reasons.count("lowest_confidence"),
+            agreement=cfg.agreement,
+            agreement_pairs=tally.pairs,
+            agreement_by_checker=tally.by_checker,
+            agreement_by_engine=tally.by_engine,
+            judged=int(np.isfinite(judged).sum()),
+            corrected=sum(per_round),
+            corrected_per_round=tuple(per_round),
         )
+        ctx.extra_stats.update(stats.to_dict())
         return out.with_columns(pl.Series(DROP_REASON, reasons, dtype=pl.String))
 
     def _candidates(self, response: str, greedy: str, samples: Sequence[str]) -> list[_Candidate]:

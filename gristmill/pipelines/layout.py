@@ -8,9 +8,12 @@
     RUN/01_<stage>-<fp>/_SUCCESS.json               the stage is complete (fingerprint, stats)
     RUN/dataset/data/train-00000-of-00001.parquet   the finished dataset, and its README.md
     RUN/manifest.json                               recipe, fingerprints, stage stats, versions
+    RUN/logs/run.log                                every process's log lines
+    RUN/logs/vllm-logging.json                      the logging config vLLM's processes read
     RUN/logs/engines.jsonl                          when each engine started and closed
 
-The pipeline writes through it, and the catalog, the report and the tests read through it.
+The pipeline, the output writer and the run log write through it; the catalog, the report
+and the tests read through it.
 """
 
 from __future__ import annotations
@@ -102,9 +105,24 @@ class RunLayout:
         return self.root / MANIFEST
 
     @property
+    def logs_dir(self) -> Path:
+        """The run's log folder."""
+        return self.root / LOGS
+
+    @property
+    def run_log(self) -> Path:
+        """The log every process of the run writes (`gristmill run` routes it here)."""
+        return self.logs_dir / "run.log"
+
+    @property
+    def vllm_logging_config(self) -> Path:
+        """The logging config vLLM's processes read (`VLLM_LOGGING_CONFIG_PATH`)."""
+        return self.logs_dir / "vllm-logging.json"
+
+    @property
     def engine_log(self) -> Path:
         """One JSON line per engine start and close, from every process of the run."""
-        return self.root / LOGS / "engines.jsonl"
+        return self.logs_dir / "engines.jsonl"
 
     def is_run(self) -> bool:
         """A folder holding a manifest or an input split is a run."""

@@ -1,8 +1,8 @@
 """Typed, mergeable per-stage statistics (the `extra` of `_SUCCESS.json`).
 
 A map stage writes one `ExtraStats` per part; the pipeline merges the parts' into the
-stage's. Each field says how it merges (`summed`, `most`, `counts`, `union`, `first`,
-`by_key`), so no stage hand-writes a merge. Values that follow from the merged ones (means,
+stage's. Each field says how it merges (`summed`, `most`, `counts`, `per_round`, `union`,
+`first`, `by_key`), so no stage hand-writes a merge. Values that follow from the merged ones (means,
 rates) come from `derived()` and are recomputed after the merge, never summed.
 """
 
@@ -30,6 +30,12 @@ def most(default: float = 0) -> Any:
 def counts() -> Any:
     """A `{name: count}` mapping whose counts add up key by key."""
     return field(default_factory=dict, metadata={MERGE: "counts"})
+
+
+def per_round() -> Any:
+    """A tuple of numbers, one per round of a loop, summed round by round (a part that
+    stopped early has fewer rounds)."""
+    return field(default_factory=tuple, metadata={MERGE: "per_round"})
 
 
 def union() -> Any:
@@ -85,6 +91,8 @@ class ExtraStats:
                 value = {str(k): sub.from_dict(v) for k, v in value.items()}
             elif f.metadata.get(MERGE) == "union":  # a bare string is one value, not letters
                 value = (value,) if isinstance(value, str) else tuple(value)
+            elif f.metadata.get(MERGE) == "per_round":
+                value = tuple(value)
             values[f.name] = value
         return cls(**values)
 
@@ -108,6 +116,11 @@ class ExtraStats:
                         for k, n in item.items():
                             merged[k] = merged.get(k, 0) + n
                     values[f.name] = merged
+                case "per_round":
+                    rounds = max(len(item) for item in items)
+                    values[f.name] = tuple(
+                        sum(item[r] for item in items if r < len(item)) for r in range(rounds)
+                    )
                 case "union":
                     values[f.name] = tuple(sorted({v for item in items for v in item}))
                 case "first":
@@ -121,6 +134,6 @@ class ExtraStats:
                 case _:
                     raise TypeError(
                         f"{cls.__name__}.{f.name}: declare how it merges "
-                        "(summed, most, counts, union, first or by_key)"
+                        "(summed, most, counts, per_round, union, first or by_key)"
                     )
         return cls(**values)

@@ -33,6 +33,7 @@ from gristmill.engines.base import (
     uses_chat_template,
 )
 from gristmill.pipelines.stage import Map, StageConfig, StageContext
+from gristmill.pipelines.stats import ExtraStats, counts, summed
 from gristmill.records import DROP_REASON, make_record, records_frame
 
 #: Columns every candidate row gets besides the record's.
@@ -96,6 +97,14 @@ class _Prompt:
     reference: str | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class GenerateStats(ExtraStats):
+    """Prompts asked, and candidates written per engine, summed over parts."""
+
+    prompts: int = summed()
+    candidates: dict[str, int] = counts()
+
+
 class Generate(Map):
     """Answers each row's conversation: `n` candidates per prompt from one engine or several,
     each a row with `parent_id`, `model`, finish reason and token counts."""
@@ -104,6 +113,7 @@ class Generate(Map):
     version: ClassVar[str] = "1"
     kind: ClassVar[str] = "synth"
     Config: ClassVar[type[StageConfig]] = GenerateConfig
+    Stats: ClassVar[type[ExtraStats] | None] = GenerateStats
     uses_engine: ClassVar[bool] = True
     config: GenerateConfig
 
@@ -130,7 +140,7 @@ class Generate(Map):
             prompts.setdefault((prompt.parent_id, repr(prompt.turns)), prompt)
         todo = list(prompts.values())
         out: list[dict[str, Any]] = []
-        counts: dict[str, int] = {}
+        written: dict[str, int] = {}
         for name in ctx.engine_names:
             engine = ctx.engine(name)
             chat = uses_chat_template(engine, cfg.prompt_format)
@@ -151,8 +161,8 @@ class Generate(Map):
             for p, comps in zip(todo, completions, strict=True):
                 for k, comp in enumerate(comps):
                     out.append(self._candidate(p, comp.text, k, name, engine.model_id, comp))
-            counts[name] = sum(len(c) for c in completions)
-        ctx.extra_stats.update({"prompts": len(todo), "candidates": counts})
+            written[name] = sum(len(c) for c in completions)
+        ctx.extra_stats.update(GenerateStats(prompts=len(todo), candidates=written).to_dict())
         frame = records_frame(out, extra_schema={**CANDIDATE_SCHEMA, DROP_REASON: pl.String()})
         parts = [_own_parent(batch), frame] if cfg.keep_input else [frame]
         if rejected:

@@ -24,6 +24,7 @@ import polars as pl
 
 from gristmill.engines.base import Completion, Message, Sampling
 from gristmill.pipelines.stage import LLMConfig, Map, MeteredEngine, StageConfig, StageContext
+from gristmill.pipelines.stats import ExtraStats, first
 from gristmill.records import DROP_REASON, make_record, records_frame
 from gristmill.synth.templates import (
     FAMILIES,
@@ -282,6 +283,14 @@ def _generate(
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class MagpieStats(ExtraStats):
+    """The pre-query template the run used (the same in every part)."""
+
+    pre_query: str | None = first()
+    pre_query_family: str | None = first()
+
+
 class Magpie(Map):
     """Magpie self-synthesis: the model writes instructions from a bare pre-query template, then
     answers them (multi-turn optional)."""
@@ -294,6 +303,7 @@ class Magpie(Map):
         "Aligned LLMs with Nothing. arXiv:2406.08464"
     )
     Config: ClassVar[type[StageConfig]] = MagpieConfig
+    Stats: ClassVar[type[ExtraStats] | None] = MagpieStats
     unhashed: ClassVar[frozenset[str]] = frozenset({"generate_chunk"})
     uses_engine: ClassVar[bool] = True
 
@@ -417,8 +427,8 @@ class Magpie(Map):
             answering = [c for c in asking if c.open]
             if answering:
                 self._responses(engine, chat, answering, turn, ctx)
-        ctx.extra_stats["pre_query"] = chat.pre_query.text
-        ctx.extra_stats["pre_query_family"] = chat.pre_query.family
+        stats = MagpieStats(pre_query=chat.pre_query.text, pre_query_family=chat.pre_query.family)
+        ctx.extra_stats.update(stats.to_dict())
         rows = [self._record(c, engine.model_id, chat.pre_query.family) for c in convs]
         return records_frame(rows, extra_schema=EXTRA_SCHEMA)
 

@@ -26,6 +26,7 @@ from gristmill.filters.clear import (
     HISTORY_TYPE,
     Clear,
     ClearConfig,
+    ClearStats,
     answer_matches,
     lowest_fraction,
     observed_consistency,
@@ -387,6 +388,7 @@ def test_auto_correct_rounds_try_the_samples_after_the_greedy_answer(tmp_path: P
     )
     assert one["response"][0] == "Wrong #### 7" and one["clear_judge"][0] is None
     assert ctx.extra_stats["corrected_per_round"] == [0]
+    first_part = dict(ctx.extra_stats)
 
     cfg = ClearConfig(samples=3, auto_correct=True, correct_rounds=3)
     out = Clear(cfg).process(batch, ctx := context(tmp_path, engine))
@@ -398,6 +400,13 @@ def test_auto_correct_rounds_try_the_samples_after_the_greedy_answer(tmp_path: P
     # round 3 has nothing left to try: the row is confident now
     assert ctx.extra_stats["corrected_per_round"] == [0, 1]
     assert ctx.extra_stats["corrected"] == 1
+    # the two runs as two parts of one stage: typed stats merged round by round
+    parts = [ClearStats.from_dict(first_part), ClearStats.from_dict(ctx.extra_stats)]
+    merged = ClearStats.merge(parts).to_dict()
+    assert (merged["rows"], merged["corrected"], merged["corrected_per_round"]) == (2, 1, [0, 1])
+    assert merged["agreement"] == "contradiction"
+    total = first_part["confidence_sum"] + ctx.extra_stats["confidence_sum"]
+    assert merged["mean_confidence"] == pytest.approx(total / 2)
 
 
 def test_config_errors_and_columns() -> None:

@@ -350,3 +350,44 @@ def test_a_stage_that_renumbers_rows_is_an_error(tmp_path: Path) -> None:
     )
     with pytest.raises(RuntimeError, match="not positions of its 100 input rows"):
         Pipeline(recipe, tmp_path / "run", show_progress=False).run()
+
+
+class DropThirds(Map):
+    """Drops every third row of each part, so the parts a global stage reads differ in size."""
+
+    name = "drop_thirds"
+
+    def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        third = pl.int_range(pl.len()) % 3 == 2
+        return batch.with_columns(
+            pl.when(third).then(pl.lit("third")).otherwise(None).cast(pl.String).alias(DROP_REASON)
+        )
+
+
+class Witness(Select):
+    """Records what `select` is handed (its type, row positions and prompts); keeps all."""
+
+    name = "witness"
+    seen: ClassVar[list[pl.DataFrame]] = []
+
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        self.seen.append(data)
+        return data
+
+
+def test_select_gets_the_whole_input_collected_and_in_input_order(tmp_path: Path) -> None:
+    recipe = Recipe(
+        name="order",
+        part_rows=7,
+        input=Input(path=GSM8K, mapping={"prompt": "question", "response": "answer"}),
+        stages=(DropThirds(), Witness()),
+    )
+    Witness.seen.clear()
+    Pipeline(recipe, tmp_path / "run", show_progress=False).run()
+    (data,) = Witness.seen
+    questions = [json.loads(line)["question"] for line in GSM8K.read_text().splitlines()]
+    kept = [q for i, q in enumerate(questions) if i % 7 % 3 != 2]
+    assert isinstance(data, pl.DataFrame)  # collected, not a LazyFrame
+    assert data.columns[0] == ROW_COLUMN
+    assert data.get_column(ROW_COLUMN).to_list() == list(range(len(kept)))
+    assert data.get_column("prompt").to_list() == kept

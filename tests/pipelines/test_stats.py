@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from gristmill.pipelines.stats import ExtraStats, by_key, counts, first, most, summed, union
+from gristmill.pipelines.stats import (
+    ExtraStats,
+    by_key,
+    counts,
+    first,
+    most,
+    per_round,
+    summed,
+    union,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,6 +39,7 @@ class Part(ExtraStats):
     seconds: float = summed(0.0)
     rounds: int = most()
     reasons: dict[str, int] = counts()
+    corrected: tuple[int, ...] = per_round()
     methods: tuple[str, ...] = union()
     index: dict[str, int] | None = first()
     buckets: dict[str, Bucket] = by_key(Bucket)
@@ -43,6 +53,7 @@ A = Part(
     seconds=1.5,
     rounds=2,
     reasons={"short": 1, "empty": 2},
+    corrected=(2, 1),
     methods=("unshare",),
     index={"items": 20},
     buckets={"easy": Bucket(queries=2, covered=2), "hard": Bucket(queries=1, covered=0)},
@@ -52,6 +63,7 @@ B = Part(
     seconds=0.5,
     rounds=4,
     reasons={"short": 3, "long": 1},
+    corrected=(1, 0, 4),
     methods=("seccomp", "unshare"),
     index=None,
     buckets={"hard": Bucket(queries=3, covered=1)},
@@ -64,6 +76,7 @@ def test_each_field_merges_as_declared() -> None:
     assert merged.seconds == pytest.approx(2.0)
     assert merged.rounds == 4  # most
     assert merged.reasons == {"short": 4, "empty": 2, "long": 1}  # counts, key by key
+    assert merged.corrected == (3, 1, 4)  # per_round, round by round (A stopped after 2)
     assert merged.methods == ("seccomp", "unshare")  # union, sorted and distinct
     assert merged.index == {"items": 20}  # first part's that is not None
     assert merged.buckets == {  # by_key: name by name, with the nested class's merge
@@ -96,6 +109,7 @@ def test_to_dict_is_json_shaped() -> None:
         "seconds": 1.5,
         "rounds": 2,
         "reasons": {"short": 1, "empty": 2},
+        "corrected": [2, 1],
         "methods": ["unshare"],
         "index": {"items": 20},
         "buckets": {

@@ -9,7 +9,9 @@ redoing finished parts. Bad stage references fail with messages that say what to
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -23,7 +25,11 @@ import pytest
 import yaml
 
 import gristmill as gm
+from gristmill.flows.ref import PipelineRef
 from gristmill.pipelines.config import RecipeError
+from gristmill.pipelines.layout import RunLayout
+from gristmill.pipelines.pipeline import Pipeline
+from gristmill.pipelines.stage import Stage
 
 ROOT = Path(__file__).resolve().parents[2]
 ALPACA = ROOT / "tests" / "selectors" / "data" / "alpaca_farm_eval_gpt35_100.jsonl"
@@ -126,7 +132,7 @@ def run_cli(user_dir: Path, tmp: Path, *args: str) -> None:
 
 
 def dataset(run: Path) -> pl.DataFrame:
-    return pl.read_parquet(run / "dataset" / "data" / "*.parquet")
+    return pl.read_parquet(RunLayout(run).dataset_data / "*.parquet")
 
 
 @pytest.mark.slow
@@ -156,7 +162,7 @@ def test_custom_stages_run_the_same_on_cli_python_and_dask(user_dir: Path, tmp_p
     assert dataset(tmp_path / "dask").equals(cli)
 
     # the custom stages are recorded by class path and version, with their whole config
-    manifest = yaml.safe_load((tmp_path / "cli" / "manifest.json").read_text())
+    manifest = json.loads(RunLayout(tmp_path / "cli").manifest.read_text())
     first = manifest["stages"][0]
     assert (first["key"], first["class"], first["version"]) == (
         "my_stages:MinWords",
@@ -195,6 +201,7 @@ def test_custom_stage_killed_mid_run_resumes_without_redoing_parts(
 ) -> None:
     out = tmp_path / "run"
     slow = write_recipe(tmp_path / "slow.yaml", delay_s=4.0)
+    stage_dir = Pipeline(gm.Recipe.from_yaml(slow), out).stages[1].dir  # word_count's folder
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(
         gristmill_cmd("run", str(slow), "--out", str(out), "--no-progress"),
@@ -206,23 +213,23 @@ def test_custom_stage_killed_mid_run_resumes_without_redoing_parts(
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if list(out.glob("02_word_count-*/part-00001.parquet")):
+            if RunLayout.part(stage_dir, 1).exists():
                 break
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    (stage_dir,) = out.glob("02_word_count-*")
-    done = {p.name: p.stat().st_mtime_ns for p in stage_dir.glob("part-*.parquet")}
+    assert [p.name for p in out.glob("02_word_count-*")] == [stage_dir.name]
+    done = {p.name: p.stat().st_mtime_ns for p in RunLayout.written_parts(stage_dir)}
     assert 2 <= len(done) < 4, f"the kill must land mid-stage: {sorted(done)}"
-    assert not (stage_dir / "_SUCCESS.json").exists()
+    assert not RunLayout.success(stage_dir).exists()
 
     # delay_s is unhashed: the fast rerun has the same fingerprints, so it resumes
     fast = gm.Recipe.from_yaml(write_recipe(tmp_path / "fast.yaml"))
     fast.run(out, show_progress=False)
     for name, mtime in done.items():
         assert (stage_dir / name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
-    assert len(list(stage_dir.glob("part-*.parquet"))) == 4
+    assert len(RunLayout.written_parts(stage_dir)) == 4
     fast.run(tmp_path / "clean", show_progress=False)
     assert dataset(out).equals(dataset(tmp_path / "clean"))
 
@@ -290,3 +297,88 @@ def test_keep_must_return_a_verdict(user_dir: Path) -> None:
         r"returned None for id 'x1'",
     ):
         Broken().process(frame, None)  # type: ignore[arg-type]
+
+
+def readme_filter() -> str:
+    """The complete filter of the README's "Write your own stage" section."""
+    section = (ROOT / "README.md").read_text().split("### Write your own stage", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_filter_is_the_one_these_tests_run() -> None:
+    code = readme_filter()
+    assert code.startswith("# my_stages.py\n")
+    assert code.removeprefix("# my_stages.py\n") in textwrap.dedent(USER_MODULE)
+    assert len(code.removeprefix("# my_stages.py\n").splitlines()) == 10
+
+
+def small_recipe(*stages: Stage) -> gm.Recipe:
+    """30 AlpacaFarm answers in 2 parts through `stages`, built in Python (no file)."""
+    return gm.Recipe(
+        name="py-built",
+        part_rows=15,
+        input=gm.Input(path=str(ALPACA), mapping=MAPPING, limit=30),
+        stages=stages,
+    )
+
+
+def test_python_recipe_manifest_card_and_worker_payload_come_from_the_typed_recipe(
+    user_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import my_stages
+
+    monkeypatch.setattr(my_stages.MinWords, "citation", "Doe (2024), Counting words")
+    recipe = small_recipe(
+        my_stages.MinWords(min_words=30),
+        gm.stages.MinHashDedup(),
+        gm.stages.RandomSelect(budget=5),
+    )
+    data = recipe.to_dict()
+    assert data["stages"][0] == {"my_stages:MinWords": {"min_words": 30}}
+    assert gm.Recipe(**data) == recipe and gm.Recipe.from_dict(data).to_dict() == data
+
+    # what a Dask or Ray worker receives: JSON of to_dict(), picklable, the same recipe
+    ref = pickle.loads(pickle.dumps(PipelineRef.of(recipe, tmp_path / "run")))
+    assert json.loads(ref.recipe_json) == data and ref.recipe() == recipe
+
+    layout = RunLayout(tmp_path / "run")
+    Pipeline(recipe, layout.root, show_progress=False).run()
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["recipe"] == {"name": "py-built", "path": None, "resolved": data}
+    card = (layout.dataset_dir / "README.md").read_text()
+    methods = card.split("## Methods\n\n", 1)[1].split("\n\n", 1)[0]
+    assert methods.splitlines() == [
+        "- **min_words**: Doe (2024), Counting words",
+        f"- **minhash_dedup**: {gm.stages.MinHashDedup.citation}",
+    ]
+    assert f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```" in card
+
+
+def test_class_path_and_version_enter_the_fingerprint_and_the_manifest(
+    user_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import my_stages
+
+    (user_dir / "other_stages.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(user_dir))
+    import other_stages
+
+    def run(stage: Stage, name: str) -> tuple[str, dict[str, object]]:
+        pipe = Pipeline(small_recipe(stage), tmp_path / name, show_progress=False)
+        pipe.run()
+        (summary,) = json.loads(pipe.layout.manifest.read_text())["stages"]
+        assert summary["fingerprint"] == pipe.stages[0].fingerprint
+        return pipe.stages[0].fingerprint, summary
+
+    base, summary = run(my_stages.MinWords(min_words=30), "base")
+    assert (summary["key"], summary["class"], summary["version"]) == (
+        "my_stages:MinWords",
+        "my_stages:MinWords",
+        "1",
+    )
+    moved, summary = run(other_stages.MinWords(min_words=30), "moved")
+    assert moved != base and summary["class"] == "other_stages:MinWords"
+    monkeypatch.setattr(my_stages.MinWords, "version", "2")
+    bumped, summary = run(my_stages.MinWords(min_words=30), "bumped")
+    assert bumped not in (base, moved) and summary["version"] == "2"
+    sys.modules.pop("other_stages", None)

@@ -14,7 +14,7 @@ from gristmill.pipelines.config import RecipeError
 from gristmill.pipelines.recipe import Recipe
 from gristmill.pipelines.stage import StageContext
 from gristmill.records import make_record, records_frame
-from gristmill.synth.generate import Generate
+from gristmill.synth.generate import Generate, GenerateStats
 
 
 @dataclass(kw_only=True)
@@ -169,3 +169,16 @@ def test_engine_names_stay_out_of_the_fingerprint(tmp_path: Path) -> None:
         return Pipeline(recipe, tmp_path).stages[0].fingerprint
 
     assert planned("teacher") == planned("other-name")
+
+
+def test_stats_of_parts_merge_per_engine(tmp_path: Path) -> None:
+    a, b = Echo(model_id="model-a"), Echo(model_id="model-b")
+    stage = Generate(engines=("a", "b"), n=2)
+    parts = []
+    for rows in (3, 2):
+        context = ctx(tmp_path, {"a": a, "b": b})
+        stage.process(instructions(rows), context)
+        parts.append(GenerateStats.from_dict(context.extra_stats))
+    assert parts[0].to_dict() == {"prompts": 3, "candidates": {"a": 6, "b": 6}}
+    merged = GenerateStats.merge(parts).to_dict()
+    assert merged == {"prompts": 5, "candidates": {"a": 10, "b": 10}}

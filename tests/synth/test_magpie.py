@@ -26,6 +26,7 @@ from gristmill.synth.magpie import (
     FOLLOWUP_SYSTEM_PROMPT,
     Magpie,
     MagpieConfig,
+    MagpieStats,
     clean_instruction,
 )
 from gristmill.synth.templates import render_chat_template
@@ -173,7 +174,9 @@ def test_record_columns_and_prompts(tmp_path: Path) -> None:
     assert out.schema["seed_index"] == pl.Int64
     assert out.schema["instruction_tokens"] == pl.Int64
     assert out.schema["drop_reason"] == pl.String
-    assert ctx.extra_stats["pre_query"] == PRE_QUERY
+    assert ctx.extra_stats == {"pre_query": PRE_QUERY, "pre_query_family": "smollm2"}
+    part = MagpieStats.from_dict(ctx.extra_stats)
+    assert Magpie.Stats is MagpieStats and MagpieStats.merge([part, part]) == part
     assert set(Magpie().produces()) <= set(out.columns)
 
 
