@@ -27,7 +27,7 @@ Isolation, strongest first; `isolation()` probes once per process and names the 
   can write host files.
 - "socket-denied-audit": seccomp unavailable too: a Python audit hook refuses to create
   sockets; code that calls libc through ctypes gets past it, and nothing refuses memfd or
-  SysV IPC objects (which the memory watch does not see).
+  SysV IPC objects (the memory watch does not see them, and SysV ones outlive the cell).
 
 The last two are weak: stages that run model-written code refuse them unless the recipe
 says `isolation: weak` (`require_isolation`). In them the launcher is a child subreaper that
