@@ -12,6 +12,7 @@ against the row's solution:
     or       "The answer is N or N+1."            (GSM8K)
     boxed-or "\\boxed{N \\text{ or } N+1}"        (GSM8K)
     range    "The answer is N to N+1."            (GSM8K)
+    next     "The answer is N. Or maybe N+1."     (GSM8K: the hedge in the next sentence)
     twice    "The answer is N+1. ... The answer is N."  two final answers, the last right
     box-or   "$\\boxed{1/7919}$ or $\\boxed{N}$"    (competition math: N is any LaTeX answer)
 
@@ -104,6 +105,7 @@ def gsm8k(name: str, path: Path, limit: int | None, show: int) -> None:
         "or": lambda n: f"The answer is {n} or {plus_one(n)}.",
         "boxed-or": lambda n: f"\\boxed{{{n} \\text{{ or }} {plus_one(n)}}}",
         "range": lambda n: f"The answer is {n} to {plus_one(n)}.",
+        "next": lambda n: f"The answer is {n}. Or maybe {plus_one(n)}.",
         "twice": lambda n: f"The answer is {plus_one(n)}.\nOn second thought, the answer is {n}.",
     }
     rate(name, "honest", list(zip(refs, finals, strict=True)), show)

@@ -394,6 +394,47 @@ except OSError as exc:
     ]
 
 
+@pytest.mark.parametrize("method", FILTERED)
+def test_memory_no_process_holds_is_refused(method: str) -> None:
+    # 600 MiB in memfds (written, never mapped) and SysV segments (touched, then detached)
+    # show in no process's resident set, so the rss-watch guard never saw them under a
+    # 256 MiB cell limit; SysV segments also outlived the cell in the host's IPC namespace.
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+try:
+    for i in range(40):
+        fd = os.memfd_create(f"m{i}")
+        for _ in range(15):
+            os.write(fd, bytes(2**20))
+    print("memfd held 600 MiB")
+except OSError as exc:
+    print("memfd", exc.strerror)
+for i in range(6):
+    segment = libc.shmget(0, 100 * 2**20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    if segment < 0:
+        print("shmget", os.strerror(ctypes.get_errno()))
+        break
+    address = libc.shmat(segment, None, 0)
+    ctypes.memset(address, 1, 100 * 2**20)
+    libc.shmdt(ctypes.c_void_p(address))
+else:
+    print("shm held 600 MiB")
+print("msgget", os.strerror(ctypes.get_errno()) if libc.msgget(0, 0o1600) < 0 else "allowed")
+print("semget", os.strerror(ctypes.get_errno()) if libc.semget(0, 1, 0o1600) < 0 else "allowed")
+"""
+    limits = Limits(timeout_s=20, cpu_s=10, memory_mb=256, max_processes=16)
+    result = run_cell(code, limits=limits, method=method)  # type: ignore[arg-type]
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == [
+        "memfd Function not implemented",
+        "shmget Function not implemented",
+        "msgget Function not implemented",
+        "semget Function not implemented",
+    ]
+
+
 def test_threads_and_subprocesses_still_work_under_the_filter() -> None:
     code = """
 import subprocess, sys, threading

@@ -93,7 +93,9 @@ def test_whole_cell_memory_breach_is_classified() -> None:
 
 @pytest.mark.parametrize("all_sockets", [False, True])
 def test_seccomp_program_assembles(all_sockets: bool) -> None:
-    numbers = Syscalls(0xC000003E, 41, 56, 435, 272, 308, 155, (425, 426, 427))
+    numbers = Syscalls(
+        0xC000003E, 41, 56, 435, 272, 308, 155, (425, 426, 427), (319, 447, 29, 68, 64)
+    )
     program = filter_program(numbers, all_sockets=all_sockets)
     assert program[0] == (0x20, 0, 0, 4)  # loads the architecture first
     for i, (code, jt, jf, _) in enumerate(program):
@@ -102,6 +104,8 @@ def test_seccomp_program_assembles(all_sockets: bool) -> None:
     assert program[-1][0] == 0x06  # ends in a return
     returns = {k for code, _, _, k in program if code == 0x06}
     assert returns == {0x7FFF0000, 0x00050001, 0x0005000D, 0x00050026}
+    checked = {k for code, _, _, k in program if code == 0x15}  # every number it compares
+    assert {319, 447, 29, 68, 64} <= checked  # memfd and SysV IPC: ENOSYS
 
 
 def test_known_architectures() -> None:

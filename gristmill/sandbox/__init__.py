@@ -19,12 +19,15 @@ Isolation, strongest first; `isolation()` probes once per process and names the 
   copy of the cell's files, /tmp and /dev/shm); the host's root is detached by pivot_root, so
   the checkout, data folders and home are not there at all. As root the code runs as a
   one-off unprivileged uid. A seccomp filter refuses new user namespaces, setns, io_uring
-  and AF_VSOCK sockets. The namespace's PID 1 supervises the cell and nothing outlives it.
-- "socket-denied-seccomp": namespaces refused (e.g. an unprivileged container): the seccomp
-  filter also makes socket(2) fail with EACCES. As root the code gets a one-off uid only when
-  that uid can reach the interpreter; otherwise it runs as root and can write host files.
+  and AF_VSOCK sockets, and memfd and SysV IPC objects (ENOSYS): memory that no process's
+  resident set shows. The namespace's PID 1 supervises the cell and nothing outlives it.
+- "socket-denied-seccomp": namespaces refused (e.g. an unprivileged container): the same
+  seccomp filter, which also makes socket(2) fail with EACCES. As root the code gets a
+  one-off uid only when that uid can reach the interpreter; otherwise it runs as root and
+  can write host files.
 - "socket-denied-audit": seccomp unavailable too: a Python audit hook refuses to create
-  sockets; code that calls libc through ctypes gets past it.
+  sockets; code that calls libc through ctypes gets past it, and nothing refuses memfd or
+  SysV IPC objects (the memory watch does not see them, and SysV ones outlive the cell).
 
 The last two are weak: stages that run model-written code refuse them unless the recipe
 says `isolation: weak` (`require_isolation`). In them the launcher is a child subreaper that
@@ -34,7 +37,9 @@ Memory is bounded for the whole cell (`CellResult.memory`): by a cgroup v2 memor
 this host delegates the memory controller to a cgroup we may write ("cgroup"), else by the
 supervisor summing the resident memory of the cell's processes every 25 ms and killing them
 all past the limit ("rss-watch"), else only per process ("rlimit"); each process's address
-space is capped at the same figure too.
+space is capped at the same figure too. The watch sees resident memory only, which is why the
+filter refuses memfds and SysV IPC; the private tmpfs mounts hold up to `tmpfs_mb` each on
+top of `memory_mb` (a cgroup counts them against it).
 
 Modules: `results` (Limits, CellResult), `api` (run_cell, SandboxPool), `probes` (which
 isolation works), `runner` (one cell), `process` (pipes, deadline), `output`, `layout` (what

@@ -54,11 +54,19 @@ class Syscalls:
     setns: int
     pivot_root: int
     io_uring: tuple[int, int, int]  # setup, enter, register
+    #: memfd_create, memfd_secret, shmget, msgget, semget: memory held outside any process's
+    #: resident set (which is all the rss-watch guard sees) and, for SysV IPC, kept after the
+    #: cell ends wherever the IPC namespace is the host's.
+    hidden_memory: tuple[int, ...]
 
 
 _SYSCALLS = {
-    "x86_64": Syscalls(0xC000003E, 41, 56, 435, 272, 308, 155, (425, 426, 427)),
-    "aarch64": Syscalls(0xC00000B7, 198, 220, 435, 97, 268, 41, (425, 426, 427)),
+    "x86_64": Syscalls(
+        0xC000003E, 41, 56, 435, 272, 308, 155, (425, 426, 427), (319, 447, 29, 68, 64)
+    ),
+    "aarch64": Syscalls(
+        0xC00000B7, 198, 220, 435, 97, 268, 41, (425, 426, 427), (279, 447, 194, 186, 190)
+    ),
 }
 _MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
 
@@ -160,7 +168,8 @@ Op = tuple[int, str | int, str | int, int]
 def filter_program(numbers: Syscalls, *, all_sockets: bool) -> list[tuple[int, int, int, int]]:
     """The seccomp program: deny new user namespaces (unshare/clone with CLONE_NEWUSER, and
     clone3, whose flags a filter cannot read), setns, io_uring and AF_VSOCK sockets (every
-    socket when `all_sockets`); other ABIs (32-bit, x32) are refused outright."""
+    socket when `all_sockets`); memfd and SysV IPC objects fail with ENOSYS, as on a kernel
+    built without them; other ABIs (32-bit, x32) are refused outright."""
     check_socket: list[Op | str] = (
         [(_RET, 0, 0, _ERRNO | _EACCES)]
         if all_sockets
@@ -177,6 +186,7 @@ def filter_program(numbers: Syscalls, *, all_sockets: bool) -> list[tuple[int, i
         (_JEQ, "enosys", 0, numbers.clone3),
         (_JEQ, "eperm", 0, numbers.setns),
         *((_JEQ, "eperm", 0, nr) for nr in numbers.io_uring),
+        *((_JEQ, "enosys", 0, nr) for nr in numbers.hidden_memory),
         (_RET, 0, 0, _ALLOW),
         "socket",
         *check_socket,

@@ -53,7 +53,8 @@ def probe_isolation(method: Isolation) -> str | None:
             elif method == "namespace-unshare" and linux.syscalls() is None:
                 logger.warning(
                     "sandbox: no syscall filter for machine %r: namespaced cells may still "
-                    "create user namespaces, io_uring instances and vsock sockets",
+                    "create user namespaces, io_uring instances, vsock sockets, and memfds "
+                    "and SysV IPC objects that the memory watch does not see",
                     platform.machine(),
                 )
         return _results[method]

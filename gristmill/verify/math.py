@@ -12,8 +12,10 @@ working, nor "if the answer is x") name two different values, or when one of the
 several candidates where the reference names one: `18 or 19`, `either 18 or 19`,
 `18 or more`, ranges (`18 to 28`, `18-28`, `between 18 and 28`, `18 \\pm 1`), a second
 number or an operator after the number (`18 plus 1`, `18 times 3`, `18 not 19`, `18 + 1`,
-`18 apples 19 pears`). The same value stated twice is fine, and so is whatever the reference
-itself uses: lists, tuples and intervals against such a reference, `\\pm` against `\\pm`.
+`18 apples 19 pears`), or a next sentence or line that opens with another candidate
+(`The answer is 18. Or 19.`, `\\boxed{18}; or maybe 19`). The same value stated twice is
+fine, and so is whatever the reference itself uses: lists, tuples and intervals against such
+a reference, `\\pm` against `\\pm`.
 
 Equivalence (`answers_equal`) has two paths. Plain numbers (integers, decimals, `1,000`,
 `a/b`, `\\frac{a}{b}`, `50%`, `$5`, `5 dollars`, `1e-3`, `52_8`) are decided in-process with
@@ -116,6 +118,14 @@ _HEDGE_CORE = (
 )
 _HEDGE_AFTER = re.compile(_HEDGE_CORE, re.IGNORECASE)
 _HEDGE_TAIL = re.compile(rf"(?:[ \t]+[A-Za-z]+\b){{0,2}}?{_HEDGE_CORE}", re.IGNORECASE)
+# A second candidate opening the next sentence or line: "The answer is 18. Or 19.",
+# "\boxed{18}; or maybe 19", "#### 18\nor 19".
+_HEDGE_NEXT = re.compile(
+    r"[ \t]*(?:\$\$|\$|\\\)|\\\])?[ \t]*(?:\*\*|__)?[ \t]*(?:[.;!?]|(?=\n))[ \t\n]*(?:\*\*|__)?"
+    r"\b(?:or|nor)\b[ \t]*(?:[A-Za-z]+[ \t]+){0,2}(?:\$|\\\(|\\boxed\{|\\fbox\{|\*\*|__)?"
+    r"[ \t]*[-+]?[ \t]*(?:\\\$|\$)?\d",
+    re.IGNORECASE,
+)
 # "16 or 17 books, which is the answer": a candidate right before the last number.
 _HEDGE_BEFORE = re.compile(
     r"\d[^\d\n]{0,25}?\b(?:or|nor|to|through)\b[ \t]*(?:[A-Za-z]+[ \t]+)?[-+]?(?:\\?\$)?$",
@@ -347,6 +357,15 @@ def _value_before(clause: str) -> tuple[str, bool] | None:
     return value, bool(_HEDGE_BEFORE.search(clause, 0, start))
 
 
+def _hedge_next(text: str, pos: int) -> bool:
+    """Whether the sentence or line that ends after `pos` is followed by one that opens with
+    another candidate ("The answer is 18. Or 19.")."""
+    line_end = text.find("\n", pos)
+    line_end = len(text) if line_end == -1 else line_end
+    stop = _SENTENCE_END.search(text, pos, line_end)
+    return _HEDGE_NEXT.match(text, stop.start() if stop else line_end) is not None
+
+
 def _forward_phrases(text: str) -> list[_Statement]:
     """Statements of the form "the answer is x" / "final answer: x"."""
     out = []
@@ -362,7 +381,12 @@ def _forward_phrases(text: str) -> list[_Statement]:
             and not _HYPOTHETICAL.search(before)
             and not _NOT_FINAL.search(before)
         )
-        out.append(_Statement(start=match.start(), kind="phrase", answer=answer, counted=counted))
+        hedged = _hedge_next(text, match.end())
+        out.append(
+            _Statement(
+                start=match.start(), kind="phrase", answer=answer, counted=counted, hedged=hedged
+            )
+        )
     return out
 
 
@@ -375,6 +399,7 @@ def _backward_phrases(text: str) -> list[_Statement]:
         if found is None or _HYPOTHETICAL.search(clause):
             continue
         answer, hedged = found
+        hedged = hedged or _HEDGE_NEXT.match(text, match.end()) is not None
         out.append(
             _Statement(
                 start=match.start(), kind="phrase", answer=answer, counted=True, hedged=hedged
@@ -391,14 +416,19 @@ def _statements(text: str) -> list[_Statement]:
     for start, end, body in _boxes(text):
         answer = _strip_wrappers(body)
         if answer:
-            hedged = _HEDGE_AFTER.match(text, end) is not None
+            hedged = bool(_HEDGE_AFTER.match(text, end) or _HEDGE_NEXT.match(text, end))
             out.append(
                 _Statement(start=start, kind="boxed", answer=answer, counted=True, hedged=hedged)
             )
     for match in _HASHES.finditer(text):
         answer = _strip_wrappers(match.group(1))
         if answer:
-            out.append(_Statement(start=match.start(), kind="hashes", answer=answer, counted=True))
+            hedged = _HEDGE_NEXT.match(text, match.end()) is not None
+            out.append(
+                _Statement(
+                    start=match.start(), kind="hashes", answer=answer, counted=True, hedged=hedged
+                )
+            )
     out += _forward_phrases(text)
     out += _backward_phrases(text)
     return sorted(out, key=lambda s: s.start)

@@ -107,6 +107,22 @@ CORPUS: dict[str, list[Case]] = {
         ("So $11,\\! 111,\\! 100$ is the answer.", "11,\\! 111,\\! 100", True, "equal"),
         ("So $5x - 7y + 11z + 4 = 0$ is the answer.", "5x - 7y + 11z + 4 = 0", True, "equal"),
     ],
+    # The hedge opens the next sentence or line, after a complete final answer.
+    "hedge_next_sentence": [
+        ("The answer is 18. Or 19.", "18", False, "ambiguous"),
+        ("The answer is 18. Or maybe 19.", "18", False, "ambiguous"),
+        ("The answer is 18; or 19.", "18", False, "ambiguous"),
+        ("The answer is 18.\n\nOr perhaps 19.", "18", False, "ambiguous"),
+        ("\\boxed{18}. Or 19.", "18", False, "ambiguous"),
+        ("\\boxed{18}\nor 19", "18", False, "ambiguous"),
+        ("#### 18\nor 19", "18", False, "ambiguous"),
+        ("So 18 is the answer. Or 19.", "18", False, "ambiguous"),
+        ("The answer is **18**. Or **19**.", "18", False, "ambiguous"),
+        ("The answer is $\\$18.90$. Or $\\$19$.", "\\$18.90", False, "ambiguous"),
+        ("The answer is 18. Or, said another way, eighteen.", "18", True, "equal"),
+        ("The answer is 18. Originally 19 were there.", "18", True, "equal"),
+        ("The answer is 18.\nOrder 19 more next time.", "18", True, "equal"),
+    ],
     # Base subscripts compare by value: 52_8 is 42, a bare number is base 10.
     "base_subscript": [
         ("\\boxed{52_8}", "52_9", False, "not_equal"),
