@@ -58,7 +58,7 @@ class Feeder:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._llm = llm
         self._lock = lock  # also held by one-call batches, so the two never interleave
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Request] | None] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._pending: dict[str, Future[Any]] = {}
         self._counts = threading.Lock()
@@ -76,16 +76,31 @@ class Feeder:
     def submit(self, prompt: Any, params: Any) -> Future[Any]:
         """Queue one request (a prompt string or token-ids dict, and its SamplingParams); the
         future resolves to vLLM's finished RequestOutput, or to the error that refused it."""
+        return self.submit_many([(prompt, params)])[0]
+
+    def submit_many(self, requests: list[tuple[Any, Any]]) -> list[Future[Any]]:
+        """Queue requests so that they enter the engine together (one part's batch stays
+        whole unless `max_in_flight` splits it); one future per request, in order."""
         if self._closed:
             raise RuntimeError("the engine was closed")
         if self._error is not None:
             raise RuntimeError("the engine's feeder failed") from self._error
-        self._slots.acquire()
-        future: Future[Any] = Future()
-        with self._counts:
-            self._submitted += 1
-        self._queue.put(_Request(prompt, params, future))
-        return future
+        futures: list[Future[Any]] = []
+        chunk: list[_Request] = []
+        for prompt, params in requests:
+            if not self._slots.acquire(blocking=False):
+                if chunk:  # hand over what holds slots before waiting for a free one
+                    self._queue.put(chunk)
+                    chunk = []
+                self._slots.acquire()
+            future: Future[Any] = Future()
+            with self._counts:
+                self._submitted += 1
+            chunk.append(_Request(prompt, params, future))
+            futures.append(future)
+        if chunk:
+            self._queue.put(chunk)
+        return futures
 
     def stats(self) -> FeederStats:
         """A snapshot of the counters (thread-safe)."""
@@ -114,7 +129,8 @@ class Feeder:
             with self._lock:
                 start = time.perf_counter()
                 try:
-                    self._add(first)
+                    for request in first:
+                        self._add(request)
                     self._drain()
                     while self._pending:
                         if not self._llm.llm_engine.has_unfinished_requests():
@@ -143,7 +159,8 @@ class Feeder:
             if item is None:  # close() while busy: finish what runs, then stop
                 self._queue.put(None)
                 return
-            self._add(item)
+            for request in item:
+                self._add(request)
 
     def _add(self, request: _Request) -> None:
         """Hand one request to the engine; a refused one fails its own future only."""
@@ -190,8 +207,8 @@ class Feeder:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                self._done(item.future, error=exc)
+            for request in item or ():
+                self._done(request.future, error=exc)
 
 
 def _final_only() -> Any:

@@ -172,11 +172,26 @@ class VLLMEngine:
     # ---- continuous submission -----------------------------------------------------------
     def submit(self, prompt: str, sampling: Sampling) -> Future[list[Completion]]:
         """Add one request to the running batch; the future gives its `n` completions."""
-        check_prompts([prompt])
+        return self.submit_many([prompt], [sampling])[0]
+
+    def submit_many(
+        self, prompts: Sequence[str], samplings: Sequence[Sampling]
+    ) -> list[Future[list[Completion]]]:
+        """Add requests to the running batch together (one part's requests); one future per
+        prompt, each done as soon as its own request has finished."""
+        check_prompts(prompts)
         if self._llm is None:
             raise RuntimeError(f"the vLLM engine for {self.model_id!r} was closed")
-        (engine_input,) = prompt_inputs([prompt], self._tokenizer)
-        raw = self._get_feeder().submit(engine_input, self._to_params(sampling))
+        inputs = prompt_inputs(list(prompts), self._tokenizer)
+        raw = self._get_feeder().submit_many(
+            [(x, self._to_params(s)) for x, s in zip(inputs, samplings, strict=True)]
+        )
+        return [self._completed(f, p, s) for f, p, s in zip(raw, prompts, samplings, strict=True)]
+
+    def _completed(
+        self, raw: Future[Any], prompt: str, sampling: Sampling
+    ) -> Future[list[Completion]]:
+        """A future of completions that follows vLLM's future of a RequestOutput."""
         done: Future[list[Completion]] = Future()
 
         def finish(f: Future[Any]) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from gristmill.pipelines.pipeline import PARTS_IN_FLIGHT
+
 RUNNERS = ("threads", "dask", "ray")
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class RunnerSpec:
     address: str | None = None
     #: Threads runner, recipe not `deterministic`, some map stage calls an LLM: at least this
     #: many parts run at once, so their requests share the engine's continuous batch.
-    parts_in_flight: int = 4
+    parts_in_flight: int = PARTS_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,10 @@ from gristmill.records import DROP_REASON, validate_frame
 from gristmill.stages import stage_key
 
 log = logging.getLogger("gristmill.pipeline")
+
+#: Parts of an LLM map stage run at once in continuous mode: one part's requests alone
+#: rarely fill the engine's batch (the threads runner takes the same default).
+PARTS_IN_FLIGHT = 4
 
 #: Engine options that change speed or memory, never output: kept out of fingerprints.
 ENGINE_PERF_OPTIONS = frozenset(
@@ -526,14 +531,27 @@ class Pipeline:
             self.release_engines(keep=self.engines_to_keep(planned))
             start = time.perf_counter()
             if planned.is_map:
-                for k, path in enumerate(self.stage_input_parts(planned)):
-                    self.run_map_part(planned, k, path)
+                self._run_map_parts(planned)
                 summary = self.finish_map_stage(planned, time.perf_counter() - start)
             else:
                 summary = self.run_global(planned)
             say(_stage_line(summary))
         self.release_engines()
         return self.write_dataset()
+
+    def _run_map_parts(self, planned: PlannedStage) -> None:
+        """Every part of a map stage; an LLM stage's parts run `PARTS_IN_FLIGHT` at a time
+        (unless deterministic), so their requests share the engine's batch."""
+        parts = list(enumerate(self.stage_input_parts(planned)))
+        width = 1 if self.recipe.deterministic or not planned.engines else PARTS_IN_FLIGHT
+        if width == 1 or len(parts) == 1:
+            for k, path in parts:
+                self.run_map_part(planned, k, path)
+            return
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="gm-part") as pool:
+            futures = [pool.submit(self.run_map_part, planned, k, path) for k, path in parts]
+            for future in futures:
+                future.result()
 
     def write_dataset(self) -> Path:
         """Write the dataset folder, its card and the manifest; returns the dataset folder."""

@@ -344,6 +344,10 @@ class MeteredEngine:
         self._submit: Callable[[str, Sampling], Future[list[Completion]]] | None = (
             getattr(engine, "submit", None) if continuous else None
         )
+        #: Where the engine can take a batch of requests at once (they enter together).
+        self._submit_many: (
+            Callable[[Sequence[str], Sequence[Sampling]], list[Future[list[Completion]]]] | None
+        ) = getattr(engine, "submit_many", None) if self._submit is not None else None
 
     @property
     def model_id(self) -> str:
@@ -374,7 +378,9 @@ class MeteredEngine:
         self.stats.begin()
         out: list[list[Completion]] = []
         try:
-            if self._submit is not None:
+            if self._submit_many is not None:
+                out = [f.result() for f in self._submit_many(prompts, params)]
+            elif self._submit is not None:
                 futures = [self._submit(p, s) for p, s in zip(prompts, params, strict=True)]
                 out = [f.result() for f in futures]
             else:

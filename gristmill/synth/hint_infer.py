@@ -1009,8 +1009,11 @@ class HintInfer(Map):
             cpu_s=max(1, math.ceil(cfg.cell_timeout_s)),
             memory_mb=cfg.cell_memory_mb,
         )
+        # the barrier-free loop builds on this module's pieces, so it is imported here
+        from gristmill.synth.hint_flow import run_hint_steps
+
         with SandboxPool(max_workers=cfg.sandbox_workers, limits=limits) as pool:
-            state = run_hint_loop(
+            state = run_hint_steps(
                 problems,
                 engine=engine,
                 settings=LoopSettings.from_config(cfg, max_len),

@@ -390,6 +390,7 @@ def test_real_engine_writes_instructions_and_is_deterministic(
 
     def run() -> tuple[pl.DataFrame, StageContext]:
         ctx = context(tmp_path, engine, seed=0)
+        ctx.continuous = False  # the reproducible mode (the recipe's `deterministic: true`)
         return Magpie(cfg).process(seeds(8), ctx), ctx
 
     out, ctx = run()

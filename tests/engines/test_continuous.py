@@ -1,0 +1,80 @@
+"""Continuous submission on the real engine: requests of several parts in flight together,
+seeded requests that repeat alone, refusals that fail only their own request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from gristmill.engines.base import EngineStats, Sampling
+from gristmill.engines.vllm import VLLMEngine
+from gristmill.pipelines.stage import MeteredEngine
+
+pytestmark = pytest.mark.engine
+
+
+def _prompts(engine: VLLMEngine, count: int, tag: str) -> list[str]:
+    return [
+        engine.chat_prompt([{"role": "user", "content": f"{tag}: list {i + 2} fruits."}])
+        for i in range(count)
+    ]
+
+
+def test_two_parts_requests_are_in_flight_together(engine: VLLMEngine) -> None:
+    """Two parts, four requests each, through their own continuous wrappers on two threads:
+    the engine's in-flight counter sees more than one part's requests at once."""
+    lock = threading.Lock()
+    wrappers = [MeteredEngine(engine, EngineStats(), lock, continuous=True) for _ in range(2)]
+    assert all(w.continuous for w in wrappers)
+    seen: list[int] = []
+    running = True
+
+    def watch() -> None:
+        while running:
+            stats = engine.feeder_stats()
+            seen.append(stats.in_flight if stats else 0)
+            time.sleep(0.005)
+
+    def part(k: int) -> None:
+        sampling = Sampling(temperature=0.8, max_tokens=64, seed=k)
+        wrappers[k].generate(_prompts(engine, 4, f"part {k}"), sampling)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    parts = [threading.Thread(target=part, args=(k,)) for k in range(2)]
+    for t in parts:
+        t.start()
+    for t in parts:
+        t.join()
+    running = False
+    watcher.join()
+    assert max(seen) > 4, f"at most {max(seen)} requests were in flight at once"
+    for w in wrappers:
+        assert w.stats.calls == 1 and w.stats.prompts == 4 and w.stats.output_tokens > 0
+
+
+def test_a_seeded_request_alone_gives_the_text_generate_gives(engine: VLLMEngine) -> None:
+    prompt = _prompts(engine, 1, "seeded")[0]
+    sampling = Sampling(temperature=1.0, max_tokens=40, seed=1234)
+    (expected,) = engine.generate([prompt], sampling)
+    assert [c.text for c in engine.submit(prompt, sampling).result()] == [c.text for c in expected]
+
+
+def test_a_refused_request_fails_only_its_own_future(engine: VLLMEngine) -> None:
+    good = _prompts(engine, 1, "fine")[0]
+    too_long = "word " * (engine.max_model_len + 10)
+    futures = engine.submit_many(
+        [too_long, good], [Sampling(max_tokens=8, temperature=0), Sampling(max_tokens=8)]
+    )
+    with pytest.raises(ValueError, match="vLLM rejected the batch"):
+        futures[0].result()
+    (done,) = futures[1].result()
+    assert done.output_tokens > 0
+
+
+def test_greedy_n_samples_come_back_n_times(engine: VLLMEngine) -> None:
+    prompt = _prompts(engine, 1, "greedy")[0]
+    out = engine.submit(prompt, Sampling(n=3, temperature=0, max_tokens=8)).result()
+    assert len(out) == 3 and len({c.text for c in out}) == 1
