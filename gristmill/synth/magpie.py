@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -367,25 +368,28 @@ class Magpie(Map):
         turn: int,
         ctx: StageContext,
     ) -> None:
-        cfg = self.config
-        stop = chat.pre_query.stop + (("\n",) if cfg.stop_at_newline else ())
         prompts = [self.format_input(c.messages, chat) for c in convs]
-        params = self._sampling("instruction", convs, turn, ctx, stop=stop)
-        for conv, comp in zip(
-            convs, _generate(engine, prompts, params, cfg.generate_chunk), strict=True
-        ):
-            conv.instruction_tokens += comp.output_tokens
-            text = self.parse_instruction(comp.text, comp, stop=chat.pre_query.stop)
-            if text is None:
-                conv.drop_reason = (
-                    "instruction_truncated"
-                    if comp.finish_reason == "length"
-                    else "empty_instruction"
-                )
-                conv.messages.append({"role": "user", "content": comp.text})
-                conv.open = False
-            else:
-                conv.messages.append({"role": "user", "content": text})
+        params = self._sampling("instruction", convs, turn, ctx, stop=self._stop(chat))
+        comps = _generate(engine, prompts, params, self.config.generate_chunk)
+        for conv, comp in zip(convs, comps, strict=True):
+            self._take_instruction(conv, comp, chat)
+
+    def _stop(self, chat: MagpieChat) -> tuple[str, ...]:
+        """Where an instruction ends: the template's stops, and a newline when asked."""
+        return chat.pre_query.stop + (("\n",) if self.config.stop_at_newline else ())
+
+    def _take_instruction(self, conv: _Conversation, comp: Completion, chat: MagpieChat) -> None:
+        """The written instruction as the conversation's next user turn, or why it ends."""
+        conv.instruction_tokens += comp.output_tokens
+        text = self.parse_instruction(comp.text, comp, stop=chat.pre_query.stop)
+        if text is None:
+            conv.drop_reason = (
+                "instruction_truncated" if comp.finish_reason == "length" else "empty_instruction"
+            )
+            conv.messages.append({"role": "user", "content": comp.text})
+            conv.open = False
+        else:
+            conv.messages.append({"role": "user", "content": text})
 
     def _responses(
         self,
@@ -395,23 +399,61 @@ class Magpie(Map):
         turn: int,
         ctx: StageContext,
     ) -> None:
-        cfg = self.config
         prompts = [chat.response_prompt(c.messages) for c in convs]
         params = self._sampling("response", convs, turn, ctx, stop=chat.pre_query.stop)
-        for conv, comp in zip(
-            convs, _generate(engine, prompts, params, cfg.generate_chunk), strict=True
-        ):
-            conv.response_tokens += comp.output_tokens
-            conv.finish_reason = comp.finish_reason
-            text = clean_response(comp.text, chat.pre_query.stop)
-            if not text:
-                conv.drop_reason = "empty_response"
-                conv.open = False
-                continue
-            conv.messages.append({"role": "assistant", "content": text})
-            # A truncated answer is kept (a filter drops it) but not built upon.
-            if comp.finish_reason != "stop":
-                conv.open = False
+        comps = _generate(engine, prompts, params, self.config.generate_chunk)
+        for conv, comp in zip(convs, comps, strict=True):
+            self._take_response(conv, comp, chat)
+
+    @staticmethod
+    def _take_response(conv: _Conversation, comp: Completion, chat: MagpieChat) -> None:
+        """The answer as the conversation's next assistant turn, or why it ends."""
+        conv.response_tokens += comp.output_tokens
+        conv.finish_reason = comp.finish_reason
+        text = clean_response(comp.text, chat.pre_query.stop)
+        if not text:
+            conv.drop_reason = "empty_response"
+            conv.open = False
+            return
+        conv.messages.append({"role": "assistant", "content": text})
+        # A truncated answer is kept (a filter drops it) but not built upon.
+        if comp.finish_reason != "stop":
+            conv.open = False
+
+    def _flow(
+        self, engine: MeteredEngine, chat: MagpieChat, convs: list[_Conversation], ctx: StageContext
+    ) -> None:
+        """Continuous mode: each conversation asks its answer as soon as its instruction is
+        back, and its next instruction as soon as its answer is; the same requests and seeds
+        as the turn-by-turn path."""
+        turns = self.config.turns
+        pending: dict[Future[list[Completion]], tuple[_Conversation, str, int]] = {}
+
+        def ask(conv: _Conversation, kind: Literal["instruction", "response"], turn: int) -> None:
+            if kind == "instruction":
+                prompt, stop = self.format_input(conv.messages, chat), self._stop(chat)
+            else:
+                prompt, stop = chat.response_prompt(conv.messages), chat.pre_query.stop
+            (sampling,) = self._sampling(kind, [conv], turn, ctx, stop=stop)
+            pending[engine.submit(prompt, sampling)] = (conv, kind, turn)
+
+        for conv in convs:
+            ask(conv, "instruction", 1)
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                conv, kind, turn = pending.pop(future)
+                choices = future.result()
+                if not choices:
+                    raise RuntimeError("magpie: engine returned no completion")
+                if kind == "instruction":
+                    self._take_instruction(conv, choices[0], chat)
+                    if conv.open:
+                        ask(conv, "response", turn)
+                else:
+                    self._take_response(conv, choices[0], chat)
+                    if conv.open and turn < turns:
+                        ask(conv, "instruction", turn + 1)
 
     def process(self, batch: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Write `turns` rounds for every seed row: instructions first, then responses."""
@@ -420,13 +462,16 @@ class Magpie(Map):
         engine = ctx.engine()
         chat = magpie_chat(engine, family=cfg.family, system_prompt=cfg.first_system_prompt)
         convs = [_Conversation(seed_index=s) for s in seeds]
-        for turn in range(1, cfg.turns + 1):
-            asking = [c for c in convs if c.open]
-            if asking:
-                self._instructions(engine, chat, asking, turn, ctx)
-            answering = [c for c in asking if c.open]
-            if answering:
-                self._responses(engine, chat, answering, turn, ctx)
+        if engine.continuous and cfg.generate_chunk is None:
+            self._flow(engine, chat, convs, ctx)
+        else:
+            for turn in range(1, cfg.turns + 1):
+                asking = [c for c in convs if c.open]
+                if asking:
+                    self._instructions(engine, chat, asking, turn, ctx)
+                answering = [c for c in asking if c.open]
+                if answering:
+                    self._responses(engine, chat, answering, turn, ctx)
         stats = MagpieStats(pre_query=chat.pre_query.text, pre_query_family=chat.pre_query.family)
         ctx.extra_stats.update(stats.to_dict())
         rows = [self._record(c, engine.model_id, chat.pre_query.family) for c in convs]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -412,3 +414,41 @@ def test_real_engine_writes_instructions_and_is_deterministic(
 
     again, _ = run()
     assert again.equals(out)
+
+
+@dataclass
+class SubmittingFake(FakeEngine):
+    """The fake with `submit`, answering in reverse order of submission per batch of
+    waiting requests (as a continuous batch may), to run Magpie's per-conversation flow."""
+
+    submitted: list[tuple[str, Sampling]] = field(default_factory=list)
+
+    def submit(self, prompt: str, sampling: Sampling) -> Future[list[Completion]]:
+        self.submitted.append((prompt, sampling))
+        future: Future[list[Completion]] = Future()
+        timer = threading.Timer(
+            0.002 * (len(self.submitted) % 5),
+            lambda: future.set_result([self.script(prompt, sampling)]),
+        )
+        timer.start()
+        return future
+
+
+def test_continuous_flow_asks_the_same_requests_and_writes_the_same_rows(
+    tmp_path: Path,
+) -> None:
+    turn_by_turn = FakeEngine()
+    whole = Magpie(MagpieConfig(turns=2)).process(seeds(6), context(tmp_path, turn_by_turn))
+    flowing = SubmittingFake()
+    ctx = context(tmp_path, flowing)
+    assert ctx.engine().continuous
+    flow = Magpie(MagpieConfig(turns=2)).process(seeds(6), ctx)
+    assert not flowing.calls, "the flow submits requests one by one"
+    asked = sorted((p, s.seed or 0) for p, s in flowing.submitted)
+    expected = [
+        (p, s.seed or 0)
+        for prompts, params in turn_by_turn.calls
+        for p, s in zip(prompts, params, strict=True)
+    ]
+    assert asked == sorted(expected)
+    assert flow.drop("created_at", strict=False).equals(whole.drop("created_at", strict=False))
