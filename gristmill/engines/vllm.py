@@ -153,6 +153,12 @@ class VLLMEngine:
             for key, value in cpu_env_defaults(os.cpu_count()).items():
                 os.environ.setdefault(key, value)
         max_in_flight = options.pop("max_in_flight", None)
+        if int(options.get("data_parallel_size", 1)) > 1:
+            raise ValueError(
+                f"data_parallel_size={options['data_parallel_size']}: vLLM's in-process engine "
+                "runs one replica; for data parallel, run one engine per GPU with "
+                "`--runner dask --workers N --gpus-per-worker G` (README: Scale-out)"
+            )
         self.options = llm_options(options, on_cpu=on_cpu)
         start = time.perf_counter()
         before = child_pids()

@@ -31,6 +31,14 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads per Dask worker process; they share the worker's one engine",
     )
     group.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        default=0,
+        metavar="N",
+        help="local Dask workers: N GPUs each, as their own CUDA_VISIBLE_DEVICES slice of "
+        "the visible GPUs (one vLLM engine per worker: data parallel); default 0, unchanged",
+    )
+    group.add_argument(
         "--address",
         "--dask-address",
         dest="address",
@@ -60,6 +68,7 @@ def runner_from_args(args: argparse.Namespace) -> RunnerSpec:
         workers=args.workers,
         threads_per_worker=args.threads_per_worker,
         address=args.address,
+        gpus_per_worker=args.gpus_per_worker,
     )
 
 

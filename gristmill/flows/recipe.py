@@ -95,7 +95,7 @@ def run_pipeline(
     runner = _with_parts_in_flight(runner, pipeline)
     logger.info("task runner: %s", runner.describe())
     with make_task_runner(runner, api_url=_api_url()) as task_runner:
-        prepare_runner(task_runner)
+        prepare_runner(task_runner, runner)
         for planned in todo:
             _engines_for_stage(ref, task_runner, runner, planned)
             start = time.perf_counter()

@@ -34,6 +34,9 @@ class RunnerSpec:
     #: Threads runner, recipe not `deterministic`, some map stage calls an LLM: at least this
     #: many parts run at once, so their requests share the engine's continuous batch.
     parts_in_flight: int = PARTS_IN_FLIGHT
+    #: Local Dask workers: GPUs each worker process gets (its own CUDA_VISIBLE_DEVICES
+    #: slice, see `flows.gpus`); 0 leaves the environment as it is.
+    gpus_per_worker: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:
@@ -44,6 +47,10 @@ class RunnerSpec:
             raise ValueError(f"parts in flight must be >= 1, got {self.parts_in_flight}")
         if self.threads_per_worker < 1:
             raise ValueError(f"threads per worker must be >= 1, got {self.threads_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus per worker must be >= 0, got {self.gpus_per_worker}")
+        if self.gpus_per_worker and (self.kind != "dask" or self.address is not None):
+            raise ValueError("--gpus-per-worker needs runner 'dask' with local workers")
         if self.kind == "threads" and self.address is not None:
             raise ValueError("a cluster address needs runner 'dask' or 'ray', not 'threads'")
 
@@ -60,9 +67,10 @@ class RunnerSpec:
             case _ if self.address:
                 return f"{self.kind} at {self.address}"
             case "dask":
+                gpus = f", {self.gpus_per_worker} GPU(s) each" if self.gpus_per_worker else ""
                 return (
                     f"dask LocalCluster ({self.workers} workers × "
-                    f"{self.threads_per_worker} threads)"
+                    f"{self.threads_per_worker} threads{gpus})"
                 )
             case _:
                 return f"{self.kind} local ({self.workers} workers)"
@@ -107,13 +115,21 @@ def _dask_runner(spec: RunnerSpec, api_url: str | None) -> TaskRunner[Any]:
     )
 
 
-def prepare_runner(task_runner: TaskRunner[Any]) -> None:
-    """Set up a started runner: Dask workers get a plugin that closes their engines."""
+def prepare_runner(task_runner: TaskRunner[Any], spec: RunnerSpec | None = None) -> None:
+    """Set up a started runner: Dask workers get a plugin that closes their engines, and
+    with `gpus_per_worker`, one that gives each its own GPUs."""
     if type(task_runner).__name__ != "DaskTaskRunner":
         return
     from gristmill.flows.dask_plugin import EngineShutdown
 
-    task_runner.client.register_plugin(EngineShutdown())  # type: ignore[attr-defined]
+    client = task_runner.client  # type: ignore[attr-defined]
+    client.register_plugin(EngineShutdown())
+    if spec is not None and spec.gpus_per_worker:
+        from gristmill.flows.gpus import GpuSlice, gpu_slices, visible_gpus
+
+        slices = gpu_slices(visible_gpus(), spec.workers, spec.gpus_per_worker)
+        client.register_plugin(GpuSlice(slices))
+        log.info("GPUs per Dask worker: %s", dict(enumerate(slices)))
 
 
 def local_cluster(**kwargs: Any) -> Any:

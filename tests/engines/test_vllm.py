@@ -158,3 +158,10 @@ def test_long_sampled_batches_are_reproducible(engine: VLLMEngine) -> None:
     ]
     runs = [[c[0].text for c in engine.generate(prompts, params)] for _ in range(3)]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_data_parallel_points_to_the_dask_workers() -> None:
+    """vLLM's offline engine refuses data_parallel_size > 1; say what to do instead, before
+    any model time is spent."""
+    with pytest.raises(ValueError, match="--gpus-per-worker"):
+        VLLMEngine(data_parallel_size=2)
