@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import json
 import logging
 import random
 import threading
@@ -132,6 +133,14 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(make())).result()
 
 
+#: The server APIs an OpenAIEngine can speak.
+APIS = ("completions", "chat")
+#: How an `api: chat` engine's `chat_prompt` marks an encoded conversation.
+CHAT_PREFIX = "\x00gristmill-chat\x00"
+#: `chat_template` of an `api: chat` engine without a local tokenizer: the server's own.
+SERVER_TEMPLATE = "{# the server applies the model's chat template (api: chat) #}"
+
+
 class OpenAIEngine:
     """An `Engine` backed by an OpenAI-compatible HTTP server.
 
@@ -151,6 +160,7 @@ class OpenAIEngine:
         timeout_s: float = 600.0,
         max_retries: int = 5,
         backoff: Backoff | None = None,
+        api: str = "completions",
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be the served model name, got {model!r}")
@@ -162,6 +172,11 @@ class OpenAIEngine:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if api not in APIS:
+            raise ValueError(f"api must be one of {list(APIS)}, got {api!r}")
+        #: `completions` (raw prompts, /v1/completions) or `chat` (conversations only,
+        #: /v1/chat/completions: for hosted APIs without completions).
+        self.api = api
         self.model_id = model
         root = base_url.rstrip("/")
         self.base_url = root[: -len("/v1")] if root.endswith("/v1") else root
@@ -182,12 +197,17 @@ class OpenAIEngine:
     def generate(
         self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling]
     ) -> list[list[Completion]]:
-        """Sample continuations of raw-text prompts: one concurrent request per prompt."""
+        """Sample continuations of raw-text prompts: one concurrent request per prompt (with
+        `api: chat`, each prompt is a conversation `chat_prompt` encoded)."""
         check_prompts(prompts)
         if not prompts:
             return []
         samplings = per_prompt(sampling, len(prompts))
         items = list(zip(prompts, samplings, strict=True))
+        if self.api == "chat":
+            for i, prompt in enumerate(prompts):
+                decode_chat(prompt, where=f"prompt {i}")  # refuse raw text before any request
+            return run_sync(lambda: self._gather(items, self._chat_one))
         return run_sync(lambda: self._gather(items, self._complete_one))
 
     def prompt_logprobs(self, texts: Sequence[str]) -> list[list[float | None]]:
@@ -196,6 +216,11 @@ class OpenAIEngine:
         Empty texts give an empty list, like the in-process engine.
         """
         check_prompts(texts, allow_empty=True)
+        if self.api == "chat":
+            raise ValueError(
+                f"{self.model_id}: prompt log-probabilities need /v1/completions; this engine "
+                "has api: chat"
+            )
         todo = [i for i, text in enumerate(texts) if text]
         results: list[list[float | None]] = [[] for _ in texts]
         if todo:
@@ -205,8 +230,13 @@ class OpenAIEngine:
         return results
 
     def chat_prompt(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
-        """Render a conversation through the model's own chat template, as raw text."""
+        """Render a conversation through the model's own chat template, as raw text (with
+        `api: chat`, the conversation itself, encoded for `generate` to send as messages)."""
         turns = check_messages(messages)
+        if self.api == "chat":
+            if not add_generation_prompt:
+                raise ValueError("api: chat renders only conversations awaiting a reply")
+            return CHAT_PREFIX + json.dumps(turns, ensure_ascii=False)
         if self.tokenizer_name is not None:
             rendered = self._tokenizer().apply_chat_template(
                 turns, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -227,9 +257,10 @@ class OpenAIEngine:
         """The local tokenizer's Jinja chat template; None without `tokenizer`.
 
         Never asks the server: a property must stay cheap (`isinstance(x, Engine)` reads it).
+        With `api: chat` the server applies its own template, so stages render chats.
         """
         if self.tokenizer_name is None:
-            return None
+            return SERVER_TEMPLATE if self.api == "chat" else None
         template = getattr(self._tokenizer(), "chat_template", None)
         if isinstance(template, dict):  # named templates: chat uses the default one
             template = template.get("default")
@@ -342,6 +373,30 @@ class OpenAIEngine:
             client, "POST", "/v1/completions", kind="generate", payload=payload
         )
         done = parse_completions(body, n=n, stop=sampling.stop)
+        return done * sampling.n if len(done) == 1 < sampling.n else done
+
+    async def _chat_one(
+        self, client: httpx.AsyncClient, item: tuple[str, Sampling]
+    ) -> list[Completion]:
+        prompt, sampling = item
+        greedy = sampling.temperature == 0
+        n = 1 if greedy else sampling.n
+        payload: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": decode_chat(prompt, where="prompt"),
+            "n": n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
+        if sampling.stop:
+            payload["stop"] = list(sampling.stop)
+        if sampling.seed is not None:
+            payload["seed"] = sampling.seed
+        body = await self._request(
+            client, "POST", "/v1/chat/completions", kind="generate", payload=payload
+        )
+        done = parse_chat_completions(body, n=n, stop=sampling.stop)
         return done * sampling.n if len(done) == 1 < sampling.n else done
 
     # ---- prompt log-probabilities ------------------------------------------------------
@@ -495,6 +550,49 @@ def parse_completions(body: Any, *, n: int, stop: Sequence[str] = ()) -> list[Co
                 finish_reason=finish_reason(choice.get("finish_reason")),
                 prompt_tokens=prompt_tokens,
                 output_tokens=output_tokens,
+                stop=stop_reason if isinstance(stop_reason, str) and stop_reason in stop else None,
+            )
+        )
+    return out
+
+
+def decode_chat(prompt: str, *, where: str) -> list[dict[str, str]]:
+    """The conversation an `api: chat` engine's `chat_prompt` encoded; raw text is refused."""
+    if not prompt.startswith(CHAT_PREFIX):
+        raise ValueError(
+            f"{where}: an engine with api: chat takes conversations rendered by chat_prompt, "
+            f"not raw text ({prompt[:60]!r}...)"
+        )
+    turns = json.loads(prompt[len(CHAT_PREFIX) :])
+    return [{"role": str(t["role"]), "content": str(t["content"])} for t in turns]
+
+
+def parse_chat_completions(body: Any, *, n: int, stop: Sequence[str] = ()) -> list[Completion]:
+    """Turn a `/v1/chat/completions` response into its `n` Completions, in order (output
+    tokens from usage, split evenly over the choices for n>1)."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        raise ServerError(
+            f"generate: response has no 'choices' list: {str(body)[:300]}", kind="generate"
+        )
+    choices = sorted(body["choices"], key=lambda c: int(c.get("index", 0)))
+    if len(choices) != n:
+        raise ServerError(f"generate: asked for n={n} choices, got {len(choices)}", kind="generate")
+    raw_usage = body.get("usage")
+    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+    prompt_tokens = usage.get("prompt_tokens")
+    shares = _split(usage.get("completion_tokens"), n)
+    if not isinstance(prompt_tokens, int) or any(s is None for s in shares):
+        raise ServerError("generate: chat response has no token usage", kind="generate")
+    out = []
+    for choice, share in zip(choices, shares, strict=True):
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        stop_reason = choice.get("stop_reason")
+        out.append(
+            Completion(
+                text=str(message.get("content") or ""),
+                finish_reason=finish_reason(choice.get("finish_reason")),
+                prompt_tokens=prompt_tokens,
+                output_tokens=int(share or 0),
                 stop=stop_reason if isinstance(stop_reason, str) and stop_reason in stop else None,
             )
         )

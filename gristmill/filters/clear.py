@@ -269,6 +269,9 @@ class Clear(Map):
     """CLEAR/BSDetector confidence (`score__clear`), then optional auto-correct and auto-filter."""
 
     name: ClassVar[str] = "clear"
+    needs_completions: ClassVar[str | None] = (
+        "reads its self-reflection from prompt log-probabilities"
+    )
     version: ClassVar[str] = "2"
     kind: ClassVar[str] = "filter"
     citation: ClassVar[str | None] = (

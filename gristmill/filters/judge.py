@@ -168,6 +168,9 @@ class Judge(Map):
     probability, or pairwise preference between candidates in both orders."""
 
     name: ClassVar[str] = "judge"
+    needs_completions: ClassVar[str | None] = (
+        "reads label probabilities from prompt log-probabilities"
+    )
     version: ClassVar[str] = "2"
     kind: ClassVar[str] = "filter"
     Config: ClassVar[type[StageConfig]] = JudgeConfig

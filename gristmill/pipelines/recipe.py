@@ -144,7 +144,14 @@ class Recipe:
             if not isinstance(getattr(self, key), cls):
                 raise RecipeError(f"{where}: {key} must be a {cls.__name__} or a mapping")
         for i, stage in enumerate(self.stages):
-            self.stage_engines(stage, where=f"{where}: stages[{i}] ({stage.name})")
+            at = f"{where}: stages[{i}] ({stage.name})"
+            for name in self.stage_engines(stage, where=at):
+                reason = stage.completions_reason()
+                if reason is not None and _chat_only(self.engines[name]):
+                    raise RecipeError(
+                        f"{at}: engine {name!r} has `api: chat`, but this stage {reason}; "
+                        "use a server with /v1/completions (api: completions)"
+                    )
         if not isinstance(self.name, str) or not self.name:
             raise RecipeError(f"{where}: name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -287,6 +294,11 @@ class Recipe:
             )
         )
         return run_recipe(self, out_dir, runner=spec, retry=retry, show_progress=show_progress)
+
+
+def _chat_only(spec: EngineSpec) -> bool:
+    """Whether the engine speaks only the chat-completions API (OpenAI `api: chat`)."""
+    return spec.backend == "openai" and spec.kwargs().get("api") == "chat"
 
 
 def _engines(value: object, *, where: str) -> dict[str, EngineSpec]:

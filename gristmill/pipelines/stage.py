@@ -98,6 +98,9 @@ class Stage:
     uses_engine: ClassVar[bool] = False
     #: Whether the stage calls the embedding model (its id then enters the fingerprint).
     uses_embedder: ClassVar[bool] = False
+    #: Why the stage needs raw completions or prompt log-probabilities (None: a chat API
+    #: serves it); such a stage is refused at recipe load on an engine with `api: chat`.
+    needs_completions: ClassVar[str | None] = None
     #: Whether config fields are also plain attributes (`self.min_words`): set for configs
     #: declared as annotated class attributes.
     _config_attributes: ClassVar[bool] = False
@@ -170,6 +173,10 @@ class Stage:
                 f"{where}: stage {self.name!r} requires column(s) {missing}, "
                 f"but its input only has {sorted(available)}"
             )
+
+    def completions_reason(self) -> str | None:
+        """Why this stage, as configured, cannot run on a chat-completions API (None: it can)."""
+        return self.needs_completions
 
     def engine_names(self) -> tuple[str | None, ...]:
         """The recipe engines this stage calls, by name (None: the recipe's only engine)."""

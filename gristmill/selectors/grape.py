@@ -257,6 +257,9 @@ class GrapeSelect(Select):
     every candidate."""
 
     name: ClassVar[str] = "grape"
+    needs_completions: ClassVar[str | None] = (
+        "scores responses by their prompt log-probabilities under the target model"
+    )
     version: ClassVar[str] = "1"
     kind: ClassVar[str] = "selector"
     citation: ClassVar[str | None] = (

@@ -120,6 +120,11 @@ class Generate(Map):
     def engine_names(self) -> tuple[str | None, ...]:
         return self.config.engines or (None,)
 
+    def completions_reason(self) -> str | None:
+        if self.config.prompt_format == "plain":
+            return "has prompt_format: plain (raw transcripts for base models)"
+        return None
+
     def requires(self) -> tuple[str, ...]:
         return ("id",) if self.config.template else ("id", "messages")
 

@@ -954,6 +954,9 @@ class HintInfer(Map):
     verified tool-using trajectories."""
 
     name: ClassVar[str] = "hint_infer"
+    needs_completions: ClassVar[str | None] = (
+        "continues partial answers after hints and tool outputs (raw completions)"
+    )
     version: ClassVar[str] = "2"
     kind: ClassVar[str] = "synth"
     citation: ClassVar[str | None] = (

@@ -297,6 +297,9 @@ class Magpie(Map):
     answers them (multi-turn optional)."""
 
     name: ClassVar[str] = "magpie"
+    needs_completions: ClassVar[str | None] = (
+        "writes instructions from a bare pre-query template (a raw completion)"
+    )
     version: ClassVar[str] = "1"
     kind: ClassVar[str] = "synth"
     citation: ClassVar[str | None] = (

@@ -487,3 +487,82 @@ def test_chat_prompt_through_tokenize_and_detokenize(script: Script) -> None:
     vocab.clear()  # now the detokenized text no longer round-trips
     with pytest.raises(ServerError, match="does not re-tokenize to the same ids"):
         eng.chat_prompt(turns, add_generation_prompt=False)  # type: ignore[arg-type]
+
+
+# ---- api: chat ------------------------------------------------------------------------------
+
+
+def chat_reply(path: str, payload: Any) -> Reply:
+    """A chat-completions server: it answers with the last user turn, echoed."""
+    if path != "/v1/chat/completions":
+        return Reply(status=404, body={"error": {"message": f"no route {path}"}})
+    last = payload["messages"][-1]["content"]
+    n = payload.get("n", 1)
+    return Reply(
+        body={
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": f"re:{last}#{i}"},
+                    "finish_reason": "stop",
+                }
+                for i in range(n)
+            ],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 2 * n},
+        }
+    )
+
+
+def test_chat_api_sends_conversations_as_messages(script: Script) -> None:
+    script.default = chat_reply
+    eng = engine(script, api="chat")
+    assert eng.chat_template is not None  # stages render chats, the server templates them
+    prompt = eng.chat_prompt(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    )
+    out = eng.generate([prompt], Sampling(n=2, max_tokens=5, seed=3, stop=("\n",)))
+    assert [c.text for c in out[0]] == ["re:2+2?#0", "re:2+2?#1"]
+    assert out[0][0] == Completion("re:2+2?#0", "stop", prompt_tokens=7, output_tokens=2)
+    (seen,) = script.requests_to("/v1/chat/completions")
+    assert seen.payload["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+    ]
+    assert seen.payload["seed"] == 3 and seen.payload["stop"] == ["\n"]
+    assert not script.requests_to("/v1/completions")
+
+
+def test_chat_api_refuses_raw_text_and_logprobs(script: Script) -> None:
+    script.default = chat_reply
+    eng = engine(script, api="chat")
+    with pytest.raises(ValueError, match="takes conversations rendered by chat_prompt"):
+        eng.generate(["<|im_start|>user\nhi"], Sampling())
+    with pytest.raises(ValueError, match="need /v1/completions"):
+        eng.prompt_logprobs(["hi there"])
+    assert not script.seen
+    with pytest.raises(ValueError, match="api must be one of"):
+        engine(script, api="responses")
+
+
+@pytest.mark.parametrize(
+    ("stage", "why"),
+    [
+        ({"magpie": {}}, "bare pre-query template"),
+        ({"grape": {}}, "prompt log-probabilities"),
+        ({"clear": {}}, "self-reflection"),
+        ({"judge": {"labels": ["a", "b"], "question": "Which? {response}"}}, "label probabilities"),
+        ({"hint_infer": {"verifier": "math"}}, "raw completions"),
+        ({"generate": {"prompt_format": "plain"}}, "prompt_format: plain"),
+    ],
+)
+def test_a_chat_engine_refuses_stages_that_need_completions_at_load(
+    stage: dict[str, Any], why: str
+) -> None:
+    from gristmill.pipelines.recipe import Recipe, RecipeError
+
+    chat = {"backend": "openai", "model": "m", "options": {"base_url": "http://x", "api": "chat"}}
+    with pytest.raises(RecipeError, match=f"stages\\[0\\] .*api: chat.*{why}"):
+        Recipe(stages=[stage], engines={"default": chat})
+    # the same stages on a completions server, and chat-friendly stages on chat, load
+    Recipe(stages=[stage], engines={"default": {**chat, "options": {"base_url": "http://x"}}})
+    Recipe(stages=[{"rejection": {}}, {"generate": {}}], engines={"default": chat})
