@@ -19,10 +19,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from tqdm import tqdm
 
+from gristmill.engines.factory import get_engine, is_running
+from gristmill.flows.live import engine_tokens, live_counts, live_line
 from gristmill.flows.ref import PipelineRef, pipeline_for, planned_stage
 from gristmill.flows.retry import RetryPolicy
 from gristmill.flows.runners import RunnerSpec, make_task_runner, prepare_runner
@@ -111,7 +113,7 @@ def run_pipeline(
                     )
                     for k, p in enumerate(inputs)
                 ]
-                _follow(futures, f"[{planned.index:02d}] {planned.name}", pipeline.show_progress)
+                _follow(futures, pipeline, planned, runner)
                 failed = [f for f in futures if not f.state.is_completed()]
                 if failed:
                     raise RuntimeError(
@@ -172,12 +174,38 @@ def release_worker_engines(ref: PipelineRef, keep: tuple[str, ...]) -> list[str]
     return pipeline_for(ref).release_engines(keep=keep)
 
 
-def _follow(futures: list[PrefectFuture[Any]], desc: str, show: bool) -> None:
-    bar = tqdm(total=len(futures), desc=desc, unit="part", disable=not show)
-    for _ in as_completed(futures):
-        bar.update(1)
+def _follow(
+    futures: list[PrefectFuture[Any]], pipeline: Pipeline, planned: PlannedStage, runner: RunnerSpec
+) -> None:
+    """Wait for a map stage's parts, with a bar of parts and the stage's live line."""
+    desc = f"[{planned.index:02d}] {planned.name}"
+    bar = tqdm(total=len(futures), desc=desc, unit="part", disable=not pipeline.show_progress)
+    engines = [
+        get_engine(pipeline.recipe.engines[n])
+        for n in planned.engines
+        if runner.in_flow_process and is_running(pipeline.recipe.engines[n])
+    ]
+    inputs = pipeline.stage_input_parts(planned)
+    started, tokens = time.perf_counter(), engine_tokens(engines)
+    pending = list(futures)
+    while pending:
+        _done, pending_set = wait(pending, timeout=1.0)
+        pending = list(pending_set)
+        if not bar.disable:
+            if not engines and runner.in_flow_process:  # the first part starts the engine
+                engines = [
+                    get_engine(pipeline.recipe.engines[n])
+                    for n in planned.engines
+                    if is_running(pipeline.recipe.engines[n])
+                ]
+                tokens = engine_tokens(engines)
+            counts = live_counts(pipeline.layout, planned.dir, inputs, engines, started, tokens)
+            bar.n = len(futures) - len(pending)
+            bar.set_postfix_str(live_line(counts))
+    bar.n = len(futures)
+    bar.refresh()
     bar.close()
-    wait(futures)
+    wait(futures)  # each future's final state, for the caller's check
 
 
 def _first_exception(futures: list[PrefectFuture[Any]]) -> BaseException | None:
