@@ -1,7 +1,7 @@
 """Verified sampling without round barriers, on a scripted engine that takes requests one by
 one and answers them out of order: the same requests and rows as the round loop, queries
 moving on by themselves, and resume from the per-request log (the real engine is in
-tests/engines/test_continuous.py)."""
+tests/engines/test_vllm_continuous.py)."""
 
 from __future__ import annotations
 
