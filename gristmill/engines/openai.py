@@ -355,18 +355,7 @@ class OpenAIEngine:
         prompt, sampling = item
         greedy = sampling.temperature == 0
         n = 1 if greedy else sampling.n  # vLLM refuses n>1 with greedy decoding
-        payload: dict[str, Any] = {
-            "model": self.model_id,
-            "prompt": prompt,
-            "n": n,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "max_tokens": sampling.max_tokens,
-        }
-        if sampling.stop:
-            payload["stop"] = list(sampling.stop)
-        if sampling.seed is not None:
-            payload["seed"] = sampling.seed
+        payload = self._sampling_payload(sampling, n, prompt=prompt)
         if n > 1:
             payload["return_token_ids"] = True  # vLLM: exact per-choice output token counts
         body = await self._request(
@@ -375,15 +364,11 @@ class OpenAIEngine:
         done = parse_completions(body, n=n, stop=sampling.stop)
         return done * sampling.n if len(done) == 1 < sampling.n else done
 
-    async def _chat_one(
-        self, client: httpx.AsyncClient, item: tuple[str, Sampling]
-    ) -> list[Completion]:
-        prompt, sampling = item
-        greedy = sampling.temperature == 0
-        n = 1 if greedy else sampling.n
+    def _sampling_payload(self, sampling: Sampling, n: int, **content: Any) -> dict[str, Any]:
+        """A request body: the model, `content` (prompt or messages) and the sampling."""
         payload: dict[str, Any] = {
             "model": self.model_id,
-            "messages": decode_chat(prompt, where="prompt"),
+            **content,
             "n": n,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -393,6 +378,15 @@ class OpenAIEngine:
             payload["stop"] = list(sampling.stop)
         if sampling.seed is not None:
             payload["seed"] = sampling.seed
+        return payload
+
+    async def _chat_one(
+        self, client: httpx.AsyncClient, item: tuple[str, Sampling]
+    ) -> list[Completion]:
+        prompt, sampling = item
+        greedy = sampling.temperature == 0
+        n = 1 if greedy else sampling.n
+        payload = self._sampling_payload(sampling, n, messages=decode_chat(prompt, where="prompt"))
         body = await self._request(
             client, "POST", "/v1/chat/completions", kind="generate", payload=payload
         )

@@ -28,7 +28,6 @@ from gristmill.engines.base import Completion, Sampling
 from gristmill.pipelines.stage import MeteredEngine
 from gristmill.sandbox import SandboxPool
 from gristmill.synth.hint_infer import (
-    FENCE_STOP,
     MIN_ROUND_TOKENS,
     Baseline,
     LoopSettings,
@@ -41,6 +40,8 @@ from gristmill.synth.hint_infer import (
     _Cell,
     cell_output,
     load_loop_state,
+    new_state,
+    next_request,
     run_hint_loop,
 )
 
@@ -87,11 +88,7 @@ def run_hint_flow(
     if len(set(ids)) != len(ids):
         raise ValueError("problems must have distinct ids")
     by_id = {p.id: p for p in problems}
-    state = _load(state_dir, ids, s.samples) or LoopState(
-        trajectories=[
-            Trajectory(query_id=p.id, sample=j) for p in problems for j in range(s.samples)
-        ]
-    )
+    state = _load(state_dir, ids, s.samples) or new_state(problems, s.samples)
     out = _open(state_dir, ids, state)
     pending: dict[Future[Any], _Generating | _Running | _Greedy] = {}
 
@@ -102,26 +99,10 @@ def run_hint_flow(
         if t.rounds >= s.max_rounds:
             t.finish = "max_rounds"
             return
-        prompt = by_id[t.query_id].prompt_text + t.text
-        ctx_left = s.context_tokens - engine.count_tokens(prompt)
-        tok_left = s.max_tokens - t.output_tokens
-        if tok_left < 1:
-            t.finish = "max_tokens"
-            return
-        if ctx_left < MIN_ROUND_TOKENS:
-            t.finish = "context"
-            return
-        seed = seed_for(t.query_id, t.sample, t.rounds)
-        t.seeds.append(seed)
-        sampling = Sampling(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_tokens=min(ctx_left, tok_left),
-            stop=(FENCE_STOP,),
-            seed=seed,
-        )
-        bound = "context" if ctx_left < tok_left else "max_tokens"
-        pending[engine.submit(prompt, sampling)] = _Generating(t, bound)
+        request = next_request(s, t, by_id[t.query_id], engine.count_tokens, seed_for)
+        if request is not None:
+            future = engine.submit(request.prompt, request.sampling)
+            pending[future] = _Generating(t, request.bound)
 
     def commit(t: Trajectory) -> None:
         """The trajectory is consistent again: save it, report, and ask its next request."""

@@ -653,6 +653,52 @@ def _cell_or_cap(s: LoopSettings, t: Trajectory, code: str) -> _Cell | None:
     return _Cell(trajectory=t, code=code.strip("\n"))
 
 
+@dataclass(frozen=True)
+class Request:
+    """A trajectory's next request, and which budget would cut it short."""
+
+    prompt: str
+    sampling: Sampling
+    bound: str
+
+
+def next_request(
+    s: LoopSettings,
+    t: Trajectory,
+    problem: Problem,
+    count_tokens: Callable[[str], int],
+    seed_for: SeedFor,
+) -> Request | None:
+    """The trajectory's next request (its seed recorded), or None when a token or context
+    budget is spent (the trajectory then finishes with that reason)."""
+    prompt = problem.prompt_text + t.text
+    ctx_left = s.context_tokens - count_tokens(prompt)
+    tok_left = s.max_tokens - t.output_tokens
+    if tok_left < 1:
+        t.finish = "max_tokens"
+        return None
+    if ctx_left < MIN_ROUND_TOKENS:
+        t.finish = "context"
+        return None
+    seed = seed_for(t.query_id, t.sample, t.rounds)
+    t.seeds.append(seed)
+    sampling = Sampling(
+        temperature=s.temperature,
+        top_p=s.top_p,
+        max_tokens=min(ctx_left, tok_left),
+        stop=(FENCE_STOP,),
+        seed=seed,
+    )
+    return Request(prompt, sampling, "context" if ctx_left < tok_left else "max_tokens")
+
+
+def new_state(problems: Sequence[Problem], samples: int) -> LoopState:
+    """A loop's start: `samples` empty trajectories per problem."""
+    return LoopState(
+        trajectories=[Trajectory(query_id=p.id, sample=j) for p in problems for j in range(samples)]
+    )
+
+
 def run_hint_loop(
     problems: Sequence[Problem],
     *,
@@ -671,11 +717,7 @@ def run_hint_loop(
     by_id = {p.id: p for p in problems}
     state = load_loop_state(state_dir, ids)
     if state is None:
-        state = LoopState(
-            trajectories=[
-                Trajectory(query_id=p.id, sample=j) for p in problems for j in range(s.samples)
-            ]
-        )
+        state = new_state(problems, s.samples)
     else:
         log.info("hint_infer: resuming after round %d", state.rounds)
     while True:
@@ -689,28 +731,12 @@ def run_hint_loop(
         bounds: list[str] = []
         requests: list[Trajectory] = []
         for t in live:
-            prompt = by_id[t.query_id].prompt_text + t.text
-            ctx_left = s.context_tokens - engine.count_tokens(prompt)
-            tok_left = s.max_tokens - t.output_tokens
-            if tok_left < 1:
-                t.finish = "max_tokens"
+            request = next_request(s, t, by_id[t.query_id], engine.count_tokens, seed_for)
+            if request is None:
                 continue
-            if ctx_left < MIN_ROUND_TOKENS:
-                t.finish = "context"
-                continue
-            seed = seed_for(t.query_id, t.sample, t.rounds)
-            t.seeds.append(seed)
-            prompts.append(prompt)
-            params.append(
-                Sampling(
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    max_tokens=min(ctx_left, tok_left),
-                    stop=(FENCE_STOP,),
-                    seed=seed,
-                )
-            )
-            bounds.append("context" if ctx_left < tok_left else "max_tokens")
+            prompts.append(request.prompt)
+            params.append(request.sampling)
+            bounds.append(request.bound)
             requests.append(t)
         greedy = []
         for p in problems if s.baseline else ():
