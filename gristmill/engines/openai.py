@@ -509,15 +509,7 @@ def parse_completions(body: Any, *, n: int, stop: Sequence[str] = ()) -> list[Co
     Output tokens come from each choice's `token_ids` when the server returns them (vLLM);
     otherwise usage is exact for n=1 and split evenly over the choices for n>1.
     """
-    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
-        raise ServerError(
-            f"generate: response has no 'choices' list: {str(body)[:300]}", kind="generate"
-        )
-    choices = sorted(body["choices"], key=lambda c: int(c.get("index", 0)))
-    if len(choices) != n:
-        raise ServerError(f"generate: asked for n={n} choices, got {len(choices)}", kind="generate")
-    raw_usage = body.get("usage")
-    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+    choices, usage = _choices_and_usage(body, n)
     prompt_ids = choices[0].get("prompt_token_ids")
     if isinstance(prompt_ids, list):
         prompt_tokens = len(prompt_ids)
@@ -564,15 +556,7 @@ def decode_chat(prompt: str, *, where: str) -> list[dict[str, str]]:
 def parse_chat_completions(body: Any, *, n: int, stop: Sequence[str] = ()) -> list[Completion]:
     """Turn a `/v1/chat/completions` response into its `n` Completions, in order (output
     tokens from usage, split evenly over the choices for n>1)."""
-    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
-        raise ServerError(
-            f"generate: response has no 'choices' list: {str(body)[:300]}", kind="generate"
-        )
-    choices = sorted(body["choices"], key=lambda c: int(c.get("index", 0)))
-    if len(choices) != n:
-        raise ServerError(f"generate: asked for n={n} choices, got {len(choices)}", kind="generate")
-    raw_usage = body.get("usage")
-    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+    choices, usage = _choices_and_usage(body, n)
     prompt_tokens = usage.get("prompt_tokens")
     shares = _split(usage.get("completion_tokens"), n)
     if not isinstance(prompt_tokens, int) or any(s is None for s in shares):
@@ -591,6 +575,19 @@ def parse_chat_completions(body: Any, *, n: int, stop: Sequence[str] = ()) -> li
             )
         )
     return out
+
+
+def _choices_and_usage(body: Any, n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A generate response's `n` choices in index order, and its usage (empty if absent)."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        raise ServerError(
+            f"generate: response has no 'choices' list: {str(body)[:300]}", kind="generate"
+        )
+    choices = sorted(body["choices"], key=lambda c: int(c.get("index", 0)))
+    if len(choices) != n:
+        raise ServerError(f"generate: asked for n={n} choices, got {len(choices)}", kind="generate")
+    raw_usage = body.get("usage")
+    return choices, raw_usage if isinstance(raw_usage, dict) else {}
 
 
 def finish_reason(raw: object) -> FinishReason:

@@ -42,6 +42,7 @@ from gristmill.synth.hint_infer import (
     load_loop_state,
     new_state,
     next_request,
+    problem_ids,
     run_hint_loop,
 )
 
@@ -84,10 +85,7 @@ def run_hint_flow(
 ) -> LoopState:
     """Run the hint-infer loop trajectory by trajectory until every one has finished."""
     s = settings
-    ids = [p.id for p in problems]
-    if len(set(ids)) != len(ids):
-        raise ValueError("problems must have distinct ids")
-    by_id = {p.id: p for p in problems}
+    ids, by_id = problem_ids(problems)
     state = _load(state_dir, ids, s.samples) or new_state(problems, s.samples)
     out = _open(state_dir, ids, state)
     pending: dict[Future[Any], _Generating | _Running | _Greedy] = {}

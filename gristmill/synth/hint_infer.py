@@ -692,6 +692,14 @@ def next_request(
     return Request(prompt, sampling, "context" if ctx_left < tok_left else "max_tokens")
 
 
+def problem_ids(problems: Sequence[Problem]) -> tuple[list[str], dict[str, Problem]]:
+    """The problems' ids in order and the problems by id; repeated ids are an error."""
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError("problems must have distinct ids")
+    return ids, {p.id: p for p in problems}
+
+
 def new_state(problems: Sequence[Problem], samples: int) -> LoopState:
     """A loop's start: `samples` empty trajectories per problem."""
     return LoopState(
@@ -711,10 +719,7 @@ def run_hint_loop(
 ) -> LoopState:
     """Run START's Hint-infer loop over `problems` until every trajectory has finished."""
     s = settings
-    ids = [p.id for p in problems]
-    if len(set(ids)) != len(ids):
-        raise ValueError("problems must have distinct ids")
-    by_id = {p.id: p for p in problems}
+    ids, by_id = problem_ids(problems)
     state = load_loop_state(state_dir, ids)
     if state is None:
         state = new_state(problems, s.samples)
