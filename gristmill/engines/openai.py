@@ -563,7 +563,8 @@ def parse_chat_completions(body: Any, *, n: int, stop: Sequence[str] = ()) -> li
         raise ServerError("generate: chat response has no token usage", kind="generate")
     out = []
     for choice, share in zip(choices, shares, strict=True):
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        raw_message = choice.get("message")
+        message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
         stop_reason = choice.get("stop_reason")
         out.append(
             Completion(
