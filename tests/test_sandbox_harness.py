@@ -5,10 +5,11 @@ to the tests' process."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
-from gristmill.sandbox import Limits, isolation, run_cell
+from gristmill.sandbox import Limits, isolation, probe_isolation, run_cell
 from gristmill.sandbox.harness import (
     NotPlain,
     ProgramException,
@@ -278,6 +279,10 @@ cmdline = open("/proc/self/cmdline", "rb").read().decode()
 fds = [int(n) for n in re.search(r"private_fd=(\d+), report_fd=(\d+)", cmdline).groups()]
 held = [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")]
 print("program holds", held)
+def launcher():
+    return int(open(f"/proc/{os.getppid()}/stat").read().split()[3])
+def launcher_holds():
+    return [fd for fd in fds if os.path.exists(f"/proc/{launcher()}/fd/{fd}")]
 """
 
 
@@ -285,3 +290,17 @@ def test_the_program_holds_neither_private_descriptor() -> None:
     result = run_cell(_PRIVATE_FDS + "f = len\n", tests="assert f('a') == 1\n")
     assert result.completed, result.stderr
     assert "program holds []" in result.stdout
+
+
+@pytest.mark.skipif(
+    probe_isolation("socket-denied-seccomp") is not None, reason="no weak tier to look from"
+)
+def test_the_launcher_keeps_no_copy_of_the_private_descriptors() -> None:
+    # Only the weak tiers let a cell see the launcher; it must not hold the token's pipe.
+    code = _PRIVATE_FDS + "import sys\nprint('launcher holds', launcher_holds())\n"
+    result = run_cell(code, tests="pass\n", method="socket-denied-seccomp")
+    if "PermissionError" in result.stderr:
+        pytest.skip("this cell may not look at the launcher's descriptors")
+    match = re.search(r"launcher holds (\[.*\])", result.stdout)
+    assert match is not None, result.stderr
+    assert match.group(1) == "[]"

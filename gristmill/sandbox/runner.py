@@ -138,10 +138,13 @@ class _Channels:
 
     def child_fds(self) -> list[int]:
         """The descriptors the launcher inherits at their own numbers."""
-        fds = [self.status[1]]
+        return [self.status[1], *self.cell_fds()]
+
+    def cell_fds(self) -> list[int]:
+        """Those of them only the cell keeps: the private channel's and the report's ends."""
         if self.private is not None and self.report is not None:
-            fds += [self.private[0], self.report[1]]
-        return fds
+            return [self.private[0], self.report[1]]
+        return []
 
     def close(self, fd: int) -> None:
         """Close `fd` unless it is closed already."""
@@ -311,6 +314,7 @@ def _plan(cell: PreparedCell, channels: _Channels) -> Plan:
         cgroup=str(group.path) if group is not None else None,
         memory_watch=cell.guard == "rss-watch",
         status_fd=channels.status[1],
+        cell_fds=channels.cell_fds(),
     )
 
 
