@@ -11,7 +11,7 @@ writes what it found to every descriptor and leaves with exit status 0. Used by
 from __future__ import annotations
 
 #: Top-level helper the token hunters share: write `token` to every descriptor and leave.
-_LEAVE = '''
+_LEAVE = """
 import os as _os
 def _forge(token):
     for fd in range(1, 256):
@@ -20,14 +20,14 @@ def _forge(token):
         except OSError:
             pass
     _os._exit(0)
-'''
+"""
 
 ATTACKS: dict[str, str] = {
     # Walk the stack from the program's top level: the harness's frame is the caller.
-    "frame_inspection": '''    return 0
-'''
+    "frame_inspection": """    return 0
+"""
     + _LEAVE
-    + '''
+    + """
 import re, sys
 _frame = sys._getframe()
 while _frame is not None:
@@ -36,14 +36,14 @@ while _frame is not None:
             for _token in re.findall(rb"[0-9a-f]{32}", _value)[:1]:
                 _forge(_token)
     _frame = _frame.f_back
-''',
+""",
     # A thread that scans every container the garbage collector tracks while tests run.
-    "gc_thread": '''    import time
+    "gc_thread": """    import time
     time.sleep(0.3)
     return 0
-'''
+"""
     + _LEAVE
-    + '''
+    + """
 import gc, re, threading, time
 def _poll():
     while True:
@@ -54,12 +54,12 @@ def _poll():
                         _forge(_value)
         time.sleep(0.005)
 threading.Thread(target=_poll, daemon=True).start()
-''',
+""",
     # A trace hook: every new frame (the tests' own included) is searched, callers too.
-    "settrace": '''    return 0
-'''
+    "settrace": """    return 0
+"""
     + _LEAVE
-    + '''
+    + """
 import re, sys, threading
 def _hook(frame, event, arg):
     while frame is not None:
@@ -70,7 +70,7 @@ def _hook(frame, event, arg):
     return None
 sys.settrace(_hook)
 threading.settrace(_hook)
-''',
+""",
     # Patch the builtin the harness runs the tests with: the tests never run.
     "patched_builtins": """    return 0
 
@@ -85,8 +85,8 @@ def abs(value):
     return 0
 """,
     # Print and write anything that looks like a proof, then leave.
-    "printed_token": '''    return 0
-'''
+    "printed_token": """    return 0
+"""
     + _LEAVE
     + """
 import secrets
@@ -115,8 +115,8 @@ os._exit(0)
     return Yes()
 """,
     # Read the memory of every other process in the cell (the tests', if it is there).
-    "other_process_memory": '''    return 0
-'''
+    "other_process_memory": """    return 0
+"""
     + _LEAVE
     + """
 import os, re
