@@ -11,8 +11,11 @@ private channel, runs the tests against those names and writes the token.
 
 from __future__ import annotations
 
+import binascii
+import functools
 import json
 import logging
+import marshal
 import os
 import re
 import resource
@@ -103,15 +106,26 @@ if _private is not None:
     sys.stdout.flush(), sys.stderr.flush()
     os.write({report_fd}, _token)"""
 
-# Tests in their own process (`harness.py`): the child returns here to run the program.
+# Tests in their own process (`harness.py`): the child returns here to run the program. The
+# harness arrives compiled (marshal, base64): compiling its source would cost every cell ~6 ms.
 _FORK = """\
+import binascii, marshal
 _harness = types.ModuleType("gristmill_harness")
-exec(compile({source!r}, "<string>", "exec"), _harness.__dict__)
+exec(marshal.loads(binascii.a2b_base64({code!r})), _harness.__dict__)
 _server = _harness.fork_program(private_fd={private_fd}, report_fd={report_fd}, tests_name={name!r})
 del _harness"""
 
 _SERVE = "_server.serve(_main.__dict__)"
-_HARNESS_SOURCE = Path(__file__).with_name("harness.py").read_text(encoding="utf-8")
+
+
+@functools.cache
+def harness_code() -> str:
+    """`harness.py` compiled for this interpreter (the cell runs the same one), marshalled and
+    base64-encoded; docstrings and asserts dropped (optimize=2) to keep the bootstrap small."""
+    source = Path(__file__).with_name("harness.py").read_text(encoding="utf-8")
+    code = compile(source, "<string>", "exec", optimize=2)
+    return binascii.b2a_base64(marshal.dumps(code), newline=False).decode("ascii")
+
 
 _AUDIT_HOOK = """\
 def _deny_sockets(event, args):
@@ -282,7 +296,7 @@ def _plan(cell: PreparedCell, channels: _Channels) -> Plan:
     report_fd = channels.report[1] if channels.report is not None else -1
     if cell.tests:
         start = _FORK.format(
-            source=_HARNESS_SOURCE, private_fd=private_fd, report_fd=report_fd, name=TESTS_NAME
+            code=harness_code(), private_fd=private_fd, report_fd=report_fd, name=TESTS_NAME
         )
         end = _SERVE
     else:
