@@ -217,20 +217,43 @@ class CodeVerifier:
 
 
 def separate_tests(prompt: str | None, tests: str) -> str:
-    """Test code for the separate harness: a prompt's own code first (its imports and helper
-    functions, so the tests call the reference's helpers, never the program's versions of
-    them), then the program's functions for those the prompt leaves to be written, then the
-    tests; without a prompt (or one that does not parse), the tests alone."""
+    """Test code for the separate harness. When the tests use a name the prompt defines
+    beyond the functions it leaves to be written (a helper such as HumanEval/32's `poly`, or
+    an import), the prompt's own code comes first, so those are the reference's, never the
+    program's versions, then the program's functions for the ones left to write, then the
+    tests. Otherwise (most prompts; it saves the tests' process the prompt's imports) the
+    tests alone, as also without a prompt or with one that does not parse."""
     if prompt is None:
         return tests
     try:
-        todo = unwritten_functions(prompt)
+        tree = ast.parse(prompt)
+        used = {node.id for node in ast.walk(ast.parse(tests)) if isinstance(node, ast.Name)}
     except SyntaxError:
+        return tests
+    todo = unwritten_functions(prompt)
+    if not (_defined(tree) - set(todo)) & used:
         return tests
     head = prompt if prompt.endswith("\n") else prompt + "\n"
     names = PROGRAM_NAMES
     take = f"globals().update({{n: {names}[n] for n in {todo!r} if n in {names}}})\n"
     return f"{head}{take}{PROMPT_SEPARATOR}{tests}"
+
+
+def _defined(tree: ast.Module) -> set[str]:
+    """Names a module's top level binds (definitions, imports, assignments)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        else:
+            names.update(
+                n.id
+                for n in ast.walk(node)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+            )
+    return names
 
 
 def unwritten_functions(prompt: str) -> list[str]:

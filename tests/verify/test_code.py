@@ -157,8 +157,12 @@ def test_unwritten_functions_are_the_prompts_signatures() -> None:
     assert unwritten_functions(prompt) == ["a", "b", "c", "d"]
     assert separate_tests(None, "check()\n") == "check()\n"
     assert separate_tests("def broken(:\n", "check()\n") == "check()\n"
-    composed = separate_tests(prompt, "check()\n")
-    assert composed.startswith(prompt) and composed.endswith(f"{PROMPT_SEPARATOR}check()\n")
+    # Tests that use only what is left to write need none of the prompt's code ...
+    assert separate_tests(prompt, "assert a(1) == b(1)\n") == "assert a(1) == b(1)\n"
+    # ... while a helper or an import of the prompt brings all of it.
+    for tests in ("assert a(1) == helper(1)\n", "assert math.pi > 3\n"):
+        composed = separate_tests(prompt, tests)
+        assert composed.startswith(prompt) and composed.endswith(f"{PROMPT_SEPARATOR}{tests}")
 
 
 def test_an_unknown_harness_is_refused() -> None:
