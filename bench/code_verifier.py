@@ -10,7 +10,9 @@ On HumanEval (164 problems; `../shared/datasets/humaneval/HumanEval.jsonl.gz` by
    exit, an always-equal object, reading other processes' memory) against HumanEval/2;
    prints the verdict each gets. None may be "passed".
 3. **cost**: `--items` (50) canonical solutions verified one at a time with `__call__`,
-   after one untimed warm-up; the median, quartiles and minimum milliseconds per check.
+   after one untimed warm-up, the harnesses taking turns on each item; the median,
+   quartiles and minimum milliseconds per check, and the median per-item difference from
+   the first harness (`paired_diff_ms`), which load on the machine disturbs least.
 
 Every available harness of `CodeVerifier` is measured (`harness` when the checkout has
 that field, else the one it has). Prints numbers only; it never asserts.
@@ -86,7 +88,8 @@ def honest(name: str, verifier: CodeVerifier, problems: list[dict[str, Any]], sh
         passed = sum(v.correct for v in verdicts)
         n = len(verdicts)
         print(f"honest  {name:9} {form:9} {passed}/{n} passed ({passed / n:.1%}, {seconds:.0f}s)")
-        misses = [(p["task_id"], v.reason) for p, v in zip(problems, verdicts) if not v.correct]
+        pairs = zip(problems, verdicts, strict=True)
+        misses = [(p["task_id"], v.reason) for p, v in pairs if not v.correct]
         for task, reason in misses[:show]:
             print(f"    {task}: {reason}")
 
@@ -100,25 +103,29 @@ def attacks(name: str, verifier: CodeVerifier, problems: list[dict[str, Any]]) -
         print(f"attack  {name:9} {attack:22} {verdict.reason}")
 
 
-def cost(name: str, verifier: CodeVerifier, problems: list[dict[str, Any]], items: int) -> None:
-    """Milliseconds per check of `items` canonical solutions, one at a time."""
+def cost(found: dict[str, CodeVerifier], problems: list[dict[str, Any]], items: int) -> None:
+    """Milliseconds per check of `items` canonical solutions, one at a time; the harnesses
+    take turns on each item (so load hits them alike)."""
     chosen = problems[:items]
-    first = chosen[0]
-    reference = humaneval_reference(first["test"], first["entry_point"], first["prompt"])
-    verifier(first["canonical_solution"], reference)  # warm-up: isolation probes, layout
-    ms = []
-    for p in chosen:
-        reference = humaneval_reference(p["test"], p["entry_point"], p["prompt"])
-        start = time.perf_counter()
-        verdict = verifier(p["canonical_solution"], reference)
-        ms.append((time.perf_counter() - start) * 1000)
-        if not verdict.correct:
-            print(f"    {p['task_id']}: {verdict.reason}")
-    q1, median, q3 = statistics.quantiles(ms, n=4)
-    print(
-        f"cost    {name:9} items={len(ms)} median_ms={median:.1f} q1_ms={q1:.1f} "
-        f"q3_ms={q3:.1f} min_ms={min(ms):.1f}"
-    )
+    references = [humaneval_reference(p["test"], p["entry_point"], p["prompt"]) for p in chosen]
+    for verifier in found.values():  # warm-up: isolation probes, layout, compiled harness
+        verifier(chosen[0]["canonical_solution"], references[0])
+    ms: dict[str, list[float]] = {name: [] for name in found}
+    for p, reference in zip(chosen, references, strict=True):
+        for name, verifier in found.items():
+            start = time.perf_counter()
+            verdict = verifier(p["canonical_solution"], reference)
+            ms[name].append((time.perf_counter() - start) * 1000)
+            if not verdict.correct:
+                print(f"    {name} {p['task_id']}: {verdict.reason}")
+    first = next(iter(ms.values()))
+    for name, times in ms.items():
+        q1, median, q3 = statistics.quantiles(times, n=4)
+        paired = statistics.median(t - f for t, f in zip(times, first, strict=True))
+        print(
+            f"cost    {name:9} items={len(times)} median_ms={median:.1f} q1_ms={q1:.1f} "
+            f"q3_ms={q3:.1f} min_ms={min(times):.1f} paired_diff_ms={paired:+.1f}"
+        )
 
 
 def main() -> None:
@@ -134,13 +141,14 @@ def main() -> None:
     import gristmill.verify.code as module
 
     print(f"load average {os.getloadavg()[0]:.2f}; {len(problems)} problems; {module.__file__}")
-    for name, verifier in verifiers().items():
+    found = verifiers()
+    for name, verifier in found.items():
         if "honest" in parts:
             honest(name, verifier, problems, args.show)
         if "attacks" in parts:
             attacks(name, verifier, problems)
-        if "cost" in parts:
-            cost(name, verifier, problems, args.items)
+    if "cost" in parts:
+        cost(found, problems, args.items)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
