@@ -29,14 +29,15 @@ def run_cell(
     `files` are written into the working directory first (relative paths); `prelude` cells run
     before `code` in the same globals with their output discarded and exceptions ignored.
     After `code` returns, one of two endings may run, and `CellResult.completed` says whether
-    it reached its end; the token that proves it is a secret the cell's code never holds:
+    it reached its end, as proven by a random token from the host coming back:
 
     - `tests` (test code) run in a process of their own, forked before `code` starts, whose
       globals hold proxies for `code`'s top-level functions and copies of its plain values;
       calls and results cross a pipe as plain values only (`harness.py`). Nothing `code` does
       in its own process (frames, gc, trace hooks, patched builtins, exiting, printing) can
-      produce the proof, nor can it read the tests' process (non-dumpable) in the namespace
-      tier. Holding `code`'s own objects needs the epilogue.
+      produce the proof, nor can it read the tests' process, which is non-dumpable (a cell
+      that runs as root, possible in the weak tiers only, can). Tests that need `code`'s own
+      objects need the epilogue.
     - `epilogue` runs in `code`'s interpreter and globals. Its text and token reach the cell
       on a pipe read before `code` starts and the token leaves on a pipe of its own, so `code`
       cannot find them in its files, argv, environment or stdin, nor fake them by printing;
