@@ -5,8 +5,11 @@ limits; an empty environment; its own temporary working directory, removed after
 and stderr kept head + tail, with terminal control characters escaped (never stripped: "\\x1b"
 becomes the four characters `\\x1b`, see `output.escape_controls`). No state is carried from one
 cell to the next: `prelude` replays earlier cells (output discarded, errors ignored) when a
-caller wants notebook-like state; `epilogue` runs test code after the cell and proves, on a
-channel the cell cannot read, that it reached its end (`CellResult.completed`).
+caller wants notebook-like state. Test code can run after the cell and prove, with a token
+the cell's code never holds, that it reached its end (`CellResult.completed`): as `tests`, in
+a process of their own that reaches the cell's functions through proxies carrying plain values
+only (`harness`), so nothing the cell does can fake the proof; or as an `epilogue`, in the
+cell's own interpreter and globals, where code that inspects the interpreter can.
 
 Isolation, strongest first; `isolation()` probes once per process and names the one in use
 (`CellResult.network`):
@@ -44,7 +47,8 @@ top of `memory_mb` (a cgroup counts them against it).
 Modules: `results` (Limits, CellResult), `api` (run_cell, SandboxPool), `probes` (which
 isolation works), `runner` (one cell), `process` (pipes, deadline), `output`, `layout` (what
 a cell sees), `cgroup`; inside the cell's launcher, standard library only: `launcher`,
-`linux` (mounts, prctl, seccomp), `rootfs`, `supervise`.
+`linux` (mounts, prctl, seccomp), `rootfs`, `supervise`; inside the cell's interpreter,
+standard library only and handed over as source: `harness` (tests in their own process).
 """
 
 from __future__ import annotations

@@ -21,21 +21,31 @@ def run_cell(
     files: Mapping[str, str | bytes] | None = None,
     prelude: Sequence[str] = (),
     epilogue: str | None = None,
+    tests: str | None = None,
     method: Isolation | None = None,
 ) -> CellResult:
     """Run `code` as a fresh sandboxed Python script; never raises for anything the code does.
 
     `files` are written into the working directory first (relative paths); `prelude` cells run
-    before `code` in the same globals with their output discarded and exceptions ignored;
-    `epilogue` runs after `code` in the same globals, only if `code` returned, and
-    `CellResult.completed` says whether it reached its end (test code, say). The epilogue's
-    text and the token that proves its end reach the cell on a pipe it reads before `code`
-    starts, and the token leaves on a pipe of its own: `code` cannot find them in its files,
-    argv, environment or stdin, nor fake them by printing. It runs in the same interpreter,
-    though, so code that inspects the interpreter (frames, gc) can still find both.
+    before `code` in the same globals with their output discarded and exceptions ignored.
+    After `code` returns, one of two endings may run, and `CellResult.completed` says whether
+    it reached its end, as proven by a random token from the host coming back:
+
+    - `tests` (test code) run in a process of their own, forked before `code` starts, whose
+      globals hold proxies for `code`'s top-level functions and copies of its plain values;
+      calls and results cross a pipe as plain values only (`harness.py`). Nothing `code` does
+      in its own process (frames, gc, trace hooks, patched builtins, exiting, printing) can
+      produce the proof, nor can it read the tests' process, which is non-dumpable (a cell
+      that runs as root, possible in the weak tiers only, can). Tests that need `code`'s own
+      objects need the epilogue.
+    - `epilogue` runs in `code`'s interpreter and globals. Its text and token reach the cell
+      on a pipe read before `code` starts and the token leaves on a pipe of its own, so `code`
+      cannot find them in its files, argv, environment or stdin, nor fake them by printing;
+      but code that inspects or patches the interpreter (frames, gc, builtins) can.
+
     `method` forces an isolation (ValueError when it does not work here).
     """
-    check_cell_args(code, stdin, files, prelude, epilogue)
+    check_cell_args(code, stdin, files, prelude, epilogue, tests)
     if method is None:
         method = isolation()
     else:
@@ -49,6 +59,7 @@ def run_cell(
         files=files,
         prelude=prelude,
         epilogue=epilogue,
+        tests=tests,
         method=method,
     )
 
@@ -78,10 +89,11 @@ class SandboxPool:
         files: Mapping[str, str | bytes] | None = None,
         prelude: Sequence[str] = (),
         epilogue: str | None = None,
+        tests: str | None = None,
         limits: Limits | None = None,
     ) -> Future[CellResult]:
         """Queue one cell; the future's result is its CellResult."""
-        check_cell_args(code, stdin, files, prelude, epilogue)
+        check_cell_args(code, stdin, files, prelude, epilogue, tests)
         return self._executor.submit(
             run_cell,
             code,
@@ -90,6 +102,7 @@ class SandboxPool:
             files=files,
             prelude=prelude,
             epilogue=epilogue,
+            tests=tests,
             method=self.method,
         )
 
@@ -100,19 +113,22 @@ class SandboxPool:
         stdins: Sequence[str | None] | None = None,
         files: Mapping[str, str | bytes] | None = None,
         epilogues: Sequence[str | None] | None = None,
+        tests: Sequence[str | None] | None = None,
         limits: Limits | None = None,
     ) -> list[CellResult]:
         """Run every code in parallel (at most max_workers at once); results in input order."""
         if isinstance(codes, str):
             raise TypeError("run_many takes a sequence of code strings, not one string")
-        for name, given in (("stdins", stdins), ("epilogues", epilogues)):
+        for name, given in (("stdins", stdins), ("epilogues", epilogues), ("tests", tests)):
             if given is not None and len(given) != len(codes):
                 raise ValueError(f"{len(given)} {name} for {len(codes)} codes")
-        inputs = stdins if stdins is not None else [None] * len(codes)
-        endings = epilogues if epilogues is not None else [None] * len(codes)
+        none: list[str | None] = [None] * len(codes)
+        inputs = stdins if stdins is not None else none
+        endings = epilogues if epilogues is not None else none
+        checks = tests if tests is not None else none
         futures = [
-            self.submit(code, stdin=given, files=files, epilogue=ending, limits=limits)
-            for code, given, ending in zip(codes, inputs, endings, strict=True)
+            self.submit(code, stdin=given, files=files, epilogue=ending, tests=check, limits=limits)
+            for code, given, ending, check in zip(codes, inputs, endings, checks, strict=True)
         ]
         return [future.result() for future in futures]
 
@@ -138,14 +154,16 @@ def check_cell_args(
     files: Mapping[str, str | bytes] | None,
     prelude: Sequence[str],
     epilogue: object = None,
+    tests: object = None,
 ) -> None:
     """TypeError or ValueError for arguments no cell could run with."""
     if not isinstance(code, str):
         raise TypeError(f"code must be str, got {type(code).__name__}")
-    if stdin is not None and not isinstance(stdin, str):
-        raise TypeError(f"stdin must be str or None, got {type(stdin).__name__}")
-    if epilogue is not None and not isinstance(epilogue, str):
-        raise TypeError(f"epilogue must be str or None, got {type(epilogue).__name__}")
+    for name, value in (("stdin", stdin), ("epilogue", epilogue), ("tests", tests)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be str or None, got {type(value).__name__}")
+    if epilogue is not None and tests is not None:
+        raise ValueError("a cell takes an epilogue or tests, not both")
     if isinstance(prelude, str) or not all(isinstance(p, str) for p in prelude):
         raise TypeError("prelude must be a sequence of code strings")
     reserved = {CELL_FILE} | {PRELUDE_FILE.format(i) for i in range(len(prelude))}

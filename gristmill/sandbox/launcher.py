@@ -60,6 +60,10 @@ class Plan:
     memory_watch: bool
     #: Descriptor for the final JSON status (never inherited by the cell).
     status_fd: int
+    #: Descriptors only the cell may hold (its private channel and report pipe): the launcher
+    #: and the namespace's init close their copies once the cell is forked, so no process of
+    #: the cell can take them from one of those two (through /proc/PID/fd, say).
+    cell_fds: list[int]
 
 
 def main(argv: list[str]) -> int:
@@ -103,6 +107,7 @@ def _launch_namespaced(plan: Plan) -> int:
         os.close(read_end)
         _namespace_init(plan, write_end)
     os.close(write_end)
+    _close(plan.cell_fds)
     _, status = os.waitpid(init, 0)
     with os.fdopen(read_end, "rb") as pipe:
         message = pipe.read().decode(errors="replace")
@@ -130,6 +135,7 @@ def _namespace_init(plan: Plan, report: int) -> NoReturn:
         )
         nproc = plan.max_processes + (0 if plan.uid is not None else 2)
         child = _fork_cell(plan, nproc)
+        _close(plan.cell_fds)
         outcome = supervise.supervise(
             child,
             budget=_budget(plan),
@@ -157,6 +163,7 @@ def _launch_plain(plan: Plan) -> int:
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda number, _frame: stop.append(number))
     child = _fork_cell(plan, nproc)
+    _close(plan.cell_fds)
     outcome = supervise.supervise(
         child,
         budget=_budget(plan),
@@ -179,6 +186,12 @@ def _fork_cell(plan: Plan, nproc: int) -> int:
             os.write(2, f"{SETUP_FAILED_MARK} {exc}\n".encode())
             os._exit(SETUP_FAILED_EXIT)
     return child
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _become_cell(plan: Plan, nproc: int) -> None:

@@ -78,8 +78,8 @@ class CellResult:
     stderr_bytes: int
     #: Short explanation: "exit code 1: ZeroDivisionError: ...", "cpu limit", "memory limit", ...
     reason: str | None
-    #: With an epilogue: whether it ran to its end, proved on a channel the code cannot read
-    #: (see `run_cell`); None without one.
+    #: With tests or an epilogue: whether they ran to their end, proved by a token the code
+    #: never holds (see `run_cell`); None without either.
     completed: bool | None = None
 
     @property

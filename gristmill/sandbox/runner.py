@@ -1,15 +1,21 @@
 """Run one cell: lay out its folder, start the launcher with a plan, collect and classify.
 
-The cell's interpreter starts with `_BOOTSTRAP`: it reads the private channel (an epilogue
-and the token that proves the epilogue ended) before any cell code runs, replays the prelude
-silently, runs the cell as __main__ from cell.py and, only if the cell's code returned, the
-epilogue in the same globals, then writes the token to the report pipe.
+The cell's interpreter starts with `_BOOTSTRAP`. With an epilogue it reads the private
+channel (the epilogue and the token that proves it ended) before any cell code runs, replays
+the prelude silently, runs the cell as __main__ from cell.py and, only if the cell's code
+returned, the epilogue in the same globals, then writes the token to the report pipe. With
+tests it first forks (`harness.fork_program`): the child closes the private descriptors and
+runs the prelude and the cell, then serves the cell's names; the first process reads the
+private channel, runs the tests against those names and writes the token.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
 import json
 import logging
+import marshal
 import os
 import re
 import resource
@@ -35,13 +41,16 @@ logger = logging.getLogger("gristmill.sandbox")
 
 CELL_FILE = "cell.py"
 PRELUDE_FILE = "prelude_{}.py"
-#: The name the epilogue's code carries in tracebacks (it is never written to a file).
+#: The names the epilogue's and the tests' code carry in tracebacks (never written to files).
 EPILOGUE_NAME = "epilogue.py"
+TESTS_NAME = "tests.py"
 _LAUNCHER = str(Path(__file__).with_name("launcher.py"))
 _UID_BASE = 1_000_000_000
 _STATUS_BYTES = 4096
 
 # Runs inside the cell's interpreter (`python -I -B -u -c`); tracebacks hide its frames.
+# `{start}` either reads the private channel (epilogue: the tests share the program's
+# interpreter) or forks the program off the tests' own process (`_FORK`, tests).
 _BOOTSTRAP = """\
 import os, sys, traceback, types
 {hook}
@@ -50,6 +59,13 @@ def _cell_excepthook(kind, value, tb):
         tb = tb.tb_next
     traceback.print_exception(kind, value, tb)
 sys.excepthook = _cell_excepthook
+def _read_all(fd):
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+{start}
 sys.path.insert(0, os.getcwd())
 _main = types.ModuleType("__main__")
 _main.__dict__["__builtins__"] = __builtins__
@@ -57,13 +73,6 @@ sys.modules["__main__"] = _main
 def _cell_source(name):
     with open(name, encoding="utf-8") as f:
         return compile(f.read(), name, "exec")
-def _read_all(fd):
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-_private = _read_all({private_fd}) if {private_fd} >= 0 else None
 _quiet = os.open(os.devnull, os.O_WRONLY)
 for _name in {preludes!r}:
     _saved = (os.dup(1), os.dup(2))
@@ -80,16 +89,43 @@ os.close(_quiet)
 _main.__file__ = os.path.abspath({cell!r})
 sys.argv = [_main.__file__]
 exec(_cell_source({cell!r}), _main.__dict__)
+{end}
+"""
+
+_READ_PRIVATE = "_private = _read_all({private_fd}) if {private_fd} >= 0 else None"
+
+# The epilogue runs in the program's globals; its token comes from `_private`.
+_EPILOGUE = """\
 if _private is not None:
     import linecache
     _token, _, _source = _private.partition(b"\\n")
     _source = _source.decode("utf-8")
     del _private
-    linecache.cache[{epilogue!r}] = (len(_source), None, _source.splitlines(True), {epilogue!r})
-    exec(compile(_source, {epilogue!r}, "exec"), _main.__dict__)
+    linecache.cache[{name!r}] = (len(_source), None, _source.splitlines(True), {name!r})
+    exec(compile(_source, {name!r}, "exec"), _main.__dict__)
     sys.stdout.flush(), sys.stderr.flush()
-    os.write({report_fd}, _token)
-"""
+    os.write({report_fd}, _token)"""
+
+# Tests in their own process (`harness.py`): the child returns here to run the program. The
+# harness arrives compiled (marshal, base64): compiling its source would cost every cell ~6 ms.
+_FORK = """\
+import binascii, marshal
+_harness = types.ModuleType("gristmill_harness")
+exec(marshal.loads(binascii.a2b_base64({code!r})), _harness.__dict__)
+_server = _harness.fork_program(private_fd={private_fd}, report_fd={report_fd}, tests_name={name!r})
+del _harness"""
+
+_SERVE = "_server.serve(_main.__dict__)"
+
+
+@functools.cache
+def harness_code() -> str:
+    """`harness.py` compiled for this interpreter (the cell runs the same one), marshalled and
+    base64-encoded; docstrings and asserts dropped (optimize=2) to keep the bootstrap small."""
+    source = Path(__file__).with_name("harness.py").read_text(encoding="utf-8")
+    code = compile(source, "<string>", "exec", optimize=2)
+    return binascii.b2a_base64(marshal.dumps(code), newline=False).decode("ascii")
+
 
 _AUDIT_HOOK = """\
 def _deny_sockets(event, args):
@@ -102,12 +138,12 @@ class _Channels:
     """The pipes between the parent and one launcher; each descriptor is closed once only
     (a second close could hit a number another thread's cell has reused)."""
 
-    def __init__(self, *, stdin: bool, epilogue: bool) -> None:
+    def __init__(self, *, stdin: bool, ending: bool) -> None:
         self._open: set[int] = set()
         self.status = self._pipe()
         self.stdin = self._pipe() if stdin else None
-        self.private = self._pipe() if epilogue else None
-        self.report = self._pipe() if epilogue else None
+        self.private = self._pipe() if ending else None
+        self.report = self._pipe() if ending else None
 
     def _pipe(self) -> tuple[int, int]:
         read, write = os.pipe()
@@ -116,10 +152,13 @@ class _Channels:
 
     def child_fds(self) -> list[int]:
         """The descriptors the launcher inherits at their own numbers."""
-        fds = [self.status[1]]
+        return [self.status[1], *self.cell_fds()]
+
+    def cell_fds(self) -> list[int]:
+        """Those of them only the cell keeps: the private channel's and the report's ends."""
         if self.private is not None and self.report is not None:
-            fds += [self.private[0], self.report[1]]
-        return fds
+            return [self.private[0], self.report[1]]
+        return []
 
     def close(self, fd: int) -> None:
         """Close `fd` unless it is closed already."""
@@ -147,8 +186,14 @@ def run(
     files: Mapping[str, str | bytes] | None = None,
     prelude: Sequence[str] = (),
     epilogue: str | None = None,
+    tests: str | None = None,
 ) -> CellResult:
-    """Run one cell with `method` (already known to work); never raises for the cell's code."""
+    """Run one cell with `method` (already known to work); never raises for the cell's code.
+
+    At most one of `epilogue` (in the cell's interpreter) and `tests` (in a process of their
+    own) is given (`api.run_cell` says what each means)."""
+    if epilogue is not None and tests is not None:
+        raise ValueError("a cell takes an epilogue or tests, not both")
     workdir = Path(tempfile.mkdtemp(prefix="gristmill-cell-")).resolve()
     group: cgroup.CellGroup | None = None
     try:
@@ -163,8 +208,9 @@ def run(
             uid=uid,
             guard=guard,
             group=group,
+            tests=tests is not None,
         )
-        return _execute(cell, stdin=stdin, epilogue=epilogue)
+        return _execute(cell, stdin=stdin, ending=tests if tests is not None else epilogue)
     finally:
         if group is not None:
             cgroup.destroy(group)
@@ -239,6 +285,8 @@ class PreparedCell:
     uid: int | None
     guard: MemoryGuard
     group: cgroup.CellGroup | None
+    #: Whether the ending is tests in their own process (else an epilogue, or nothing).
+    tests: bool = False
 
 
 def _plan(cell: PreparedCell, channels: _Channels) -> Plan:
@@ -246,13 +294,20 @@ def _plan(cell: PreparedCell, channels: _Channels) -> Plan:
     workdir, limits, method, group = cell.workdir, cell.limits, cell.method, cell.group
     private_fd = channels.private[0] if channels.private is not None else -1
     report_fd = channels.report[1] if channels.report is not None else -1
+    if cell.tests:
+        start = _FORK.format(
+            code=harness_code(), private_fd=private_fd, report_fd=report_fd, name=TESTS_NAME
+        )
+        end = _SERVE
+    else:
+        start = _READ_PRIVATE.format(private_fd=private_fd)
+        end = _EPILOGUE.format(name=EPILOGUE_NAME, report_fd=report_fd)
     bootstrap = _BOOTSTRAP.format(
         hook=_AUDIT_HOOK if method == "socket-denied-audit" else "",
+        start=start,
         preludes=cell.preludes,
         cell=CELL_FILE,
-        private_fd=private_fd,
-        report_fd=report_fd,
-        epilogue=EPILOGUE_NAME,
+        end=end,
     )
     namespaced = method == "namespace-unshare"
     return Plan(
@@ -273,6 +328,7 @@ def _plan(cell: PreparedCell, channels: _Channels) -> Plan:
         cgroup=str(group.path) if group is not None else None,
         memory_watch=cell.guard == "rss-watch",
         status_fd=channels.status[1],
+        cell_fds=channels.cell_fds(),
     )
 
 
@@ -302,12 +358,12 @@ def _cell_env(workdir: Path) -> dict[str, str]:
     }
 
 
-def _execute(cell: PreparedCell, *, stdin: str | None, epilogue: str | None) -> CellResult:
+def _execute(cell: PreparedCell, *, stdin: str | None, ending: str | None) -> CellResult:
     """Launch `cell`, pump its pipes to the deadline, and classify how it ended."""
     workdir, limits, method, uid = cell.workdir, cell.limits, cell.method, cell.uid
     guard, group = cell.guard, cell.group
     token = secrets.token_hex(16).encode()
-    channels = _Channels(stdin=stdin is not None, epilogue=epilogue is not None)
+    channels = _Channels(stdin=stdin is not None, ending=ending is not None)
     try:
         plan = _plan(cell, channels)
         start = time.monotonic()
@@ -335,7 +391,7 @@ def _execute(cell: PreparedCell, *, stdin: str | None, epilogue: str | None) -> 
             if channels.stdin is not None:
                 writers[channels.stdin[1]] = (stdin or "").encode()
             if channels.private is not None and channels.report is not None:
-                writers[channels.private[1]] = token + b"\n" + (epilogue or "").encode()
+                writers[channels.private[1]] = token + b"\n" + (ending or "").encode()
                 readers[channels.report[0]] = report
             timed_out = process.pump(
                 proc.pid,
@@ -376,7 +432,7 @@ def _execute(cell: PreparedCell, *, stdin: str | None, epilogue: str | None) -> 
         stdout_bytes=out.total,
         stderr_bytes=err.total,
         reason=reason,
-        completed=_proved(report, token) if epilogue is not None else None,
+        completed=_proved(report, token) if ending is not None else None,
     )
 
 

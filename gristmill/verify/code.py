@@ -9,23 +9,36 @@ function signature with a body or give a complete solution (`humaneval_program`)
 Reasons: "passed", "failed" (an assertion failed), "error" (anything else went wrong),
 "timeout" (wall-clock or CPU limit) and "no_code".
 
-What a passing verdict proves. The program runs as the sandbox cell and the tests as its
-`epilogue` (`gristmill.sandbox.run_cell`): they run only if the program's code returned, in
-its globals, and their end is proven by a random token that reaches the cell on a private pipe
-read before the program starts and leaves on a pipe of its own. So a program that exits early
-(`sys.exit(0)`, `os._exit(0)`, a signal) does not pass, and neither does one that prints any
-marker or searches its own source, `__file__`, files, argv, environment or stdin for one: the
-tests and the token are in none of them. With `strict_compare` (the default) every operand of
-a comparison in the tests (`==`, `!=`, `<`, `in`, ...; not `is`) must be a plain built-in value
-(int, float, str, list, dict, ..., containers checked all the way down, exact types only), so
-an object whose `__eq__` always returns True fails with "error" instead of passing.
+What a passing verdict proves (the default, `harness="separate"`). The program runs as the
+sandbox cell; the tests run in a process of their own, forked inside the cell before any of
+the program's code runs (`gristmill.sandbox.harness`). They reach the program's top-level
+functions through proxies: each call goes to the program's process as plain values and its
+result comes back as plain values (None, bool, int, float, complex, str, bytes, and lists,
+tuples, dicts, sets of them; exact types, so no object of the program's own, with a rigged
+`__eq__` or arithmetic, ever reaches the tests: that is "error"). The proof is a random token
+only the tests' process holds, written only once the tests have reached their end; the
+program's process never has it (it is read after the fork), cannot read the tests' process
+(made non-dumpable: no ptrace, no /proc memory or descriptors) and has nothing of the tests
+in its own interpreter to inspect or patch, so stack frames, gc, trace hooks, patched or
+shadowed builtins, printed markers and early exits (even `os._exit(0)`) cannot make a pass.
+A prompt-aware reference's prompt runs in the tests' process too, so the tests call the
+prompt's own helpers (HumanEval/32's `poly`), and only the functions the prompt leaves to
+be written (`unwritten_functions`) come from the program. The program's names never replace
+a builtin's in the tests (`def abs(x): return 0` does not fool `abs(f(x) - y) < 1e-6`).
+In the weak sandbox tiers a cell that runs as root can still ptrace the tests' process or
+rewrite the interpreter's files; the stages refuse those tiers unless told otherwise.
 
-What it does not prove. The program and the tests share one interpreter, so code written to
-attack this harness can still fake a pass: inspect the interpreter (stack frames, gc) to find
-the token and write it, patch builtins or modules the tests use, or hand back an object whose
-arithmetic yields plain values (`abs(x - 0.5) < 1e-6` with a rigged `__sub__`). The defence is
-against accidental and casual cheating (early exits, printed markers, comparison overrides),
-not against a program that targets this code.
+What the separate harness cannot run: tests that need the program's objects themselves
+(instances of its classes, callbacks passed in, generators, numpy values) get "error".
+For those, `harness="shared"` runs the tests as the cell's `epilogue`, in the program's own
+interpreter and globals, as before: the token reaches the cell on a private pipe read before
+the program starts, so early exits and markers searched for in the program's source, files,
+argv, environment or stdin do not pass, and with `strict_compare` (the default) every
+operand of a comparison in the tests (`==`, `!=`, `<`, `in`, ...; not `is`) must be a plain
+built-in value, so an object whose `__eq__` always returns True fails. But code written
+against that harness can fake a pass there, by inspecting the interpreter it shares with the
+tests (frames, gc, trace hooks: the token is in it), patching builtins the harness uses, or
+shadowing ones the tests call; `tests/verify/code_attacks.py` has one program for each.
 """
 
 from __future__ import annotations
@@ -35,12 +48,17 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from gristmill.sandbox import CellResult, Isolation, Limits, SandboxPool, run_cell
+from gristmill.sandbox.harness import PROGRAM_NAMES
 from gristmill.verify.base import Verdict
 
 #: Line that separates a prompt (above) from the tests (below) in a prompt-aware reference.
 PROMPT_SEPARATOR = "# gristmill: prompt above, tests below\n"
+#: Where the tests run: in a process of their own (the default) or in the program's.
+Harness = Literal["separate", "shared"]
+HARNESSES: tuple[Harness, ...] = get_args(Harness)
 
 _FENCE = re.compile(
     r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.MULTILINE | re.DOTALL
@@ -120,9 +138,20 @@ class CodeVerifier:
     method: Isolation | None = None
     #: Parallel sandboxes for `verify_many`; default: one per CPU.
     max_workers: int | None = None
-    #: Only plain built-in values may be compared in the tests (see the module docstring);
-    #: False accepts any object, e.g. numpy scalars, and with them rigged `__eq__` methods.
+    #: "separate": the tests run in a process of their own and reach the program's functions
+    #: through proxies that carry plain values only; nothing the program does can fake a pass.
+    #: "shared": the tests run in the program's interpreter and globals, for tests that need
+    #: its objects themselves (instances of its classes, callbacks, generators, numpy
+    #: values); a program written against this harness can fake a pass there (module doc).
+    harness: Harness = "separate"
+    #: Shared harness only: only plain built-in values may be compared in the tests (module
+    #: doc); False accepts any object, e.g. numpy scalars, and with them rigged `__eq__`s.
+    #: The separate harness needs no such check: every value it gets is plain.
     strict_compare: bool = True
+
+    def __post_init__(self) -> None:
+        if self.harness not in HARNESSES:
+            raise ValueError(f"harness must be one of {list(HARNESSES)}, got {self.harness!r}")
 
     @property
     def limits(self) -> Limits:
@@ -140,8 +169,15 @@ class CodeVerifier:
         code = extract_code(response)
         if code is None:
             return Verdict(correct=False, extracted=None, reason="no_code")
-        program, tests = _program(code, reference, strict=self.strict_compare)
-        result = run_cell(program, epilogue=tests, limits=self.limits, method=self.method)
+        program, tests = self._cell(code, reference)
+        separate = self.harness == "separate"
+        result = run_cell(
+            program,
+            tests=tests if separate else None,
+            epilogue=None if separate else tests,
+            limits=self.limits,
+            method=self.method,
+        )
         return _verdict(code, result)
 
     def verify_many(self, responses: Sequence[str], references: Sequence[str]) -> list[Verdict]:
@@ -150,17 +186,19 @@ class CodeVerifier:
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
         codes = [extract_code(r) for r in responses]
         runnable = [
-            (i, *_program(code, ref, strict=self.strict_compare))
+            (i, *self._cell(code, ref))
             for i, (code, ref) in enumerate(zip(codes, references, strict=True))
             if code is not None
         ]
         verdicts = [Verdict(correct=False, extracted=None, reason="no_code") for _ in responses]
+        endings = [tests for _, _, tests in runnable]
         with SandboxPool(
             max_workers=self.max_workers, limits=self.limits, method=self.method
         ) as pool:
             results = pool.run_many(
                 [program for _, program, _ in runnable],
-                epilogues=[tests for _, _, tests in runnable],
+                tests=endings if self.harness == "separate" else None,
+                epilogues=endings if self.harness == "shared" else None,
             )
         for (i, _, _), result in zip(runnable, results, strict=True):
             code = codes[i]
@@ -168,13 +206,76 @@ class CodeVerifier:
             verdicts[i] = _verdict(code, result)
         return verdicts
 
+    def _cell(self, code: str, reference: str) -> tuple[str, str]:
+        """The program (the prompt continued by the code, when the reference has a prompt)
+        and the test code for this harness."""
+        prompt, tests = split_reference(reference)
+        program = humaneval_program(prompt, code) if prompt is not None else code
+        if self.harness == "separate":
+            return program, separate_tests(prompt, tests)
+        return program, strict_tests(tests) if self.strict_compare else tests
 
-def _program(code: str, reference: str, *, strict: bool) -> tuple[str, str]:
-    """The program (the prompt continued by the code, when the reference has a prompt) and
-    the tests to run after it as the cell's epilogue."""
-    prompt, tests = split_reference(reference)
-    program = humaneval_program(prompt, code) if prompt is not None else code
-    return program, strict_tests(tests) if strict else tests
+
+def separate_tests(prompt: str | None, tests: str) -> str:
+    """Test code for the separate harness. When the tests use a name the prompt defines
+    beyond the functions it leaves to be written (a helper such as HumanEval/32's `poly`, or
+    an import), the prompt's own code comes first, so those are the reference's, never the
+    program's versions, then the program's functions for the ones left to write, then the
+    tests. Otherwise (most prompts; it saves the tests' process the prompt's imports) the
+    tests alone, as also without a prompt or with one that does not parse."""
+    if prompt is None:
+        return tests
+    try:
+        tree = ast.parse(prompt)
+        used = {node.id for node in ast.walk(ast.parse(tests)) if isinstance(node, ast.Name)}
+    except SyntaxError:
+        return tests
+    todo = unwritten_functions(prompt)
+    if not (_defined(tree) - set(todo)) & used:
+        return tests
+    head = prompt if prompt.endswith("\n") else prompt + "\n"
+    names = PROGRAM_NAMES
+    take = f"globals().update({{n: {names}[n] for n in {todo!r} if n in {names}}})\n"
+    return f"{head}{take}{PROMPT_SEPARATOR}{tests}"
+
+
+def _defined(tree: ast.Module) -> set[str]:
+    """Names a module's top level binds (definitions, imports, assignments)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        else:
+            names.update(
+                n.id
+                for n in ast.walk(node)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+            )
+    return names
+
+
+def unwritten_functions(prompt: str) -> list[str]:
+    """Top-level functions of `prompt` left for the response to write: their bodies hold
+    nothing but docstrings, `pass`, `...` and imports (HumanEval's signatures)."""
+    names = []
+    for node in ast.parse(prompt).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and all(
+            _placeholder(statement) for statement in node.body
+        ):
+            names.append(node.name)
+    return names
+
+
+def _placeholder(statement: ast.stmt) -> bool:
+    if isinstance(statement, ast.Pass | ast.Import | ast.ImportFrom):
+        return True
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Constant)
+        and (isinstance(statement.value.value, str) or statement.value.value is Ellipsis)
+    )
 
 
 #: Defined first in the epilogue (so a program cannot pre-empt it); exact types only, since
