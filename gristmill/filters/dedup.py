@@ -503,19 +503,39 @@ def key_hashes(keys: pl.DataFrame) -> pl.DataFrame:
 
 def exact_keys(texts: pl.DataFrame, cfg: ExactDedupConfig) -> pl.DataFrame:
     """The normalised texts (key0, key1, ...) that must all match for an exact duplicate
-    (NFKC applied only where it can change a text: see `_nfkc`)."""
+    (NFKC and the whitespace regex applied only where they can change a text: see `_nfkc`
+    and `_collapsed`)."""
     if cfg.nfkc:
         texts = texts.with_columns(_nfkc(texts.get_column(c)) for c in texts.columns)
-    return texts.select(
+    keys = texts.select(
         normalize_expr(
             pl.col(c),
             nfkc=False,
             lowercase=cfg.lowercase,
             strip_punctuation=cfg.strip_punctuation,
-            collapse_whitespace=cfg.collapse_whitespace,
+            collapse_whitespace=False,
         ).alias(f"key{i}")
         for i, c in enumerate(texts.columns)
     )
+    if cfg.collapse_whitespace:
+        keys = keys.with_columns(_collapsed(keys.get_column(c)) for c in keys.columns)
+    return keys
+
+
+#: A text the whitespace regex must see: two white characters in a row, or one other than
+#: a space or a newline (Unicode White_Space, as polars' `\s`).
+_UNEVEN_SPACE = r"\s\s|[\s--[ \n]]"
+
+
+def _collapsed(texts: pl.Series) -> pl.Series:
+    """`normalize_expr`'s whitespace step (runs to one space, ends trimmed) of every text:
+    where every white character is a lone space or newline, a newline-to-space literal
+    replace gives the same as the regex, which only the other texts go through."""
+    uneven = texts.str.contains(_UNEVEN_SPACE).fill_null(False).arg_true()
+    out = texts.str.replace_all("\n", " ", literal=True)
+    if len(uneven):
+        out = out.scatter(uneven, texts.gather(uneven).str.replace_all(r"\s+", " "))
+    return out.str.strip_chars()
 
 
 # --------------------------------------------------------------------------------------------
