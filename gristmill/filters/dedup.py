@@ -8,7 +8,10 @@ from A, the only survivor; the greedy pass keeps C, so every dropped row has a k
 For exact dedup, equality is transitive and both rules agree.
 
 `exact_dedup` (drop reason `exact_duplicate`) compares the chosen fields after
-normalisation (NFKC, lowercase, whitespace collapsed; punctuation stripping optional).
+normalisation (NFKC, lowercase, whitespace collapsed; punctuation stripping optional), by a
+128-bit hash of them: the pipeline hashes the input part by part (`condense`), so the texts
+are never all in memory; two different keys share a hash with odds about 2^-128 per pair
+(below 1e-26 among a million rows). On Dask the keys themselves are compared.
 
 `minhash_dedup` (drop reason `near_duplicate`, column `duplicate_jaccard`) estimates the
 Jaccard similarity of shingle sets (Broder 1997) with datasketch's MinHash permutations
@@ -56,10 +59,18 @@ from gristmill.filters.embed import (
     field_source_column,
     frame_embeddings,
 )
-from gristmill.filters.lsh import LshResult, lsh_duplicates
+from gristmill.filters.lsh import (
+    Banding,
+    LshResult,
+    Minhashes,
+    banding,
+    lsh_duplicates,
+    lsh_of,
+    signature_keys,
+)
 from gristmill.filters.ngrams import BASE, TokenWindows
 from gristmill.pipelines.cluster import DaskCluster
-from gristmill.pipelines.stage import Select, StageConfig, StageContext
+from gristmill.pipelines.stage import ROW_COLUMN, Select, StageConfig, StageContext
 from gristmill.records import DROP_REASON
 
 
@@ -428,23 +439,35 @@ class ExactDedup(Select):
     def produces(self) -> tuple[str, ...]:
         return ("duplicate_of",)
 
+    def condense(self, part: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        """The ids and the 128-bit hash of each row's keys (on a Dask cluster: the texts,
+        which are hashed and compared there)."""
+        if ctx.cluster is not None:
+            return part
+        hashes = key_hashes(exact_keys(field_texts(part, self.config.fields), self.config))
+        ids = part.select(c for c in (ROW_COLUMN, "id", DROP_REASON) if c in part.columns)
+        return pl.concat([ids, hashes], how="horizontal")
+
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Every row, with `duplicate_of`; later copies get drop reason `exact_duplicate`.
 
-        On a Dask cluster (`ctx.cluster`) the keys are computed and grouped there.
+        `data` is the whole input or its condensed parts (their key hashes). On a Dask
+        cluster (`ctx.cluster`) the keys are computed and grouped there.
         """
         cfg = self.config
-        texts = field_texts(data, cfg.fields)
         if ctx.cluster is None:
-            keys = exact_keys(texts, cfg)
-            first = keys.with_row_index("row").select(pl.col("row").min().over(keys.columns))
+            if EXACT_HASH_COLUMNS[0] not in data.columns:
+                data = data.with_columns(key_hashes(exact_keys(field_texts(data, cfg.fields), cfg)))
+            hashes = data.select(EXACT_HASH_COLUMNS).with_row_index("row")
+            first = hashes.select(pl.col("row").min().over(EXACT_HASH_COLUMNS))
             first_row = first.to_series().to_numpy().astype(np.int64)
+            data = data.drop(EXACT_HASH_COLUMNS)
         else:
             from gristmill.filters.dedup_dask import first_rows_on_dask
 
             with ctx.cluster.client() as client:
                 first_row = first_rows_on_dask(
-                    client, texts, functools.partial(exact_keys, cfg=cfg)
+                    client, field_texts(data, cfg.fields), functools.partial(exact_keys, cfg=cfg)
                 )
             ctx.extra_stats["dask_scheduler"] = ctx.cluster.address
         rows = np.arange(data.height, dtype=np.int64)
@@ -460,21 +483,59 @@ def field_texts(frame: pl.DataFrame, fields: tuple[str, ...]) -> pl.DataFrame:
     return frame.select(field_expr(f).alias(f"t{i}") for i, f in enumerate(fields))
 
 
+#: The columns `ExactDedup.condense` adds: two 64-bit hashes of a row's keys.
+EXACT_HASH_COLUMNS = ("_gm_exact_hash0", "_gm_exact_hash1")
+#: Their seeds: two independent polars hashes (fixed seeds, so one process agrees with itself).
+_EXACT_HASH_SEEDS = (0x5EED0, 0x5EED1)
+
+
+def key_hashes(keys: pl.DataFrame) -> pl.DataFrame:
+    """EXACT_HASH_COLUMNS of each row of `keys` (see `exact_keys`); a null key hashes apart
+    from every text, the empty one included. Rows with equal keys get equal hashes; unequal
+    keys share both with odds about 2^-128 (polars' hash, not stable across its versions:
+    compare only hashes made in one run)."""
+    row = pl.struct(keys.columns)
+    return keys.select(
+        row.hash(seed=seed).alias(name)
+        for seed, name in zip(_EXACT_HASH_SEEDS, EXACT_HASH_COLUMNS, strict=True)
+    )
+
+
 def exact_keys(texts: pl.DataFrame, cfg: ExactDedupConfig) -> pl.DataFrame:
     """The normalised texts (key0, key1, ...) that must all match for an exact duplicate
-    (NFKC applied only where it can change a text: see `_nfkc`)."""
+    (NFKC and the whitespace regex applied only where they can change a text: see `_nfkc`
+    and `_collapsed`)."""
     if cfg.nfkc:
         texts = texts.with_columns(_nfkc(texts.get_column(c)) for c in texts.columns)
-    return texts.select(
+    keys = texts.select(
         normalize_expr(
             pl.col(c),
             nfkc=False,
             lowercase=cfg.lowercase,
             strip_punctuation=cfg.strip_punctuation,
-            collapse_whitespace=cfg.collapse_whitespace,
+            collapse_whitespace=False,
         ).alias(f"key{i}")
         for i, c in enumerate(texts.columns)
     )
+    if cfg.collapse_whitespace:
+        keys = keys.with_columns(_collapsed(keys.get_column(c)) for c in keys.columns)
+    return keys
+
+
+#: A text the whitespace regex must see: two white characters in a row, or one other than
+#: a space or a newline (Unicode White_Space, as polars' `\s`).
+_UNEVEN_SPACE = r"\s\s|[\s--[ \n]]"
+
+
+def _collapsed(texts: pl.Series) -> pl.Series:
+    """`normalize_expr`'s whitespace step (runs to one space, ends trimmed) of every text:
+    where every white character is a lone space or newline, a newline-to-space literal
+    replace gives the same as the regex, which only the other texts go through."""
+    uneven = texts.str.contains(_UNEVEN_SPACE).fill_null(False).arg_true()
+    out = texts.str.replace_all("\n", " ", literal=True)
+    if len(uneven):
+        out = out.scatter(uneven, texts.gather(uneven).str.replace_all(r"\s+", " "))
+    return out.str.strip_chars()
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,22 +713,39 @@ class MinHashDedup(Select):
         """MinHash signatures of every row of `frame` and the mask of rows without tokens."""
         return text_signatures(field_texts(frame, self.config.fields), self.config)
 
+    def condense(self, part: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        """The ids, MinHash signatures and their LSH keys (MINHASH_COLUMNS; on a Dask
+        cluster: the texts, which are hashed there)."""
+        if ctx.cluster is not None:
+            return part
+        ids = part.select(c for c in (ROW_COLUMN, "id", DROP_REASON) if c in part.columns)
+        return ids.with_columns(self._minhash_columns(part))
+
+    def _minhash_columns(self, frame: pl.DataFrame) -> list[pl.Series]:
+        signatures, empty = self.signatures(frame)
+        band = banding(self.config.threshold, self.config.num_perm)
+        return minhash_columns(signatures, empty, band)
+
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Every row, with `duplicate_of`/`duplicate_jaccard`; near duplicates get a reason.
 
-        On a Dask cluster (`ctx.cluster`) signatures and LSH buckets are computed there.
+        `data` is the whole input or its condensed parts (their signatures and keys). On a
+        Dask cluster (`ctx.cluster`) signatures and LSH buckets are computed there.
         """
         cfg = self.config
         start = time.perf_counter()
         if ctx.cluster is None:
-            signatures, empty = self.signatures(data)
+            seconds: dict[str, object] = {}
+            if MINHASH_COLUMNS[0] not in data.columns:  # not condensed: hash the texts here
+                data = data.with_columns(self._minhash_columns(data))
+                seconds["minhash_seconds"] = round(time.perf_counter() - start, 3)
             hashed = time.perf_counter()
-            near = greedy_near_duplicates(signatures, empty, threshold=cfg.threshold)
-            seconds: dict[str, object] = {
-                "rows_without_tokens": int(empty.sum()),
-                "minhash_seconds": round(hashed - start, 3),
-                "lsh_seconds": round(time.perf_counter() - hashed, 3),
-            }
+            hashes = minhashes_in(data, cfg.num_perm)
+            near = near_duplicates_of(lsh_of(hashes, threshold=cfg.threshold), cfg.num_perm)
+            seconds["rows_without_tokens"] = int(hashes.empty.sum())
+            seconds["lsh_seconds"] = round(time.perf_counter() - hashed, 3)
+            del hashes
+            data = data.drop(MINHASH_COLUMNS)
         else:
             near = self._near_duplicates_on(ctx.cluster, data)
             seconds = {
@@ -704,6 +782,34 @@ class MinHashDedup(Select):
                 partition_rows=cfg.batch_size,
             )
         return near_duplicates_of(result, cfg.num_perm)
+
+
+#: The columns `MinHashDedup.condense` adds: each row's signature (Array of num_perm UInt32),
+#: its `fold_columns` key, its band keys (Array of UInt64) and whether it has no shingles.
+MINHASH_COLUMNS = ("_gm_minhash", "_gm_minhash_key", "_gm_minhash_bands", "_gm_minhash_empty")
+
+
+def minhash_columns(signatures: np.ndarray, empty: np.ndarray, band: Banding) -> list[pl.Series]:
+    """MINHASH_COLUMNS of these rows."""
+    whole, bands = signature_keys(signatures, band)
+    values = (signatures, whole, bands, empty)
+    return [pl.Series(name, v) for name, v in zip(MINHASH_COLUMNS, values, strict=True)]
+
+
+def minhashes_in(data: pl.DataFrame, num_perm: int) -> Minhashes:
+    """The LSH view of MINHASH_COLUMNS: keys as arrays, signatures read back on demand."""
+    signatures, whole, bands, empty = (data.get_column(c) for c in MINHASH_COLUMNS)
+
+    def signature_of(rows: np.ndarray) -> np.ndarray:
+        return signatures.gather(rows).to_numpy().reshape(len(rows), num_perm)
+
+    return Minhashes(
+        empty.to_numpy(),
+        whole.to_numpy(),
+        bands.to_numpy().reshape(data.height, -1),
+        signature_of,
+        num_perm,
+    )
 
 
 def text_signatures(texts: pl.DataFrame, cfg: MinHashDedupConfig) -> tuple[np.ndarray, np.ndarray]:

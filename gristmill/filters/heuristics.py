@@ -201,14 +201,24 @@ def _echoes(prompts: pl.Series, responses: pl.Series) -> np.ndarray:
     p, r = pl.col("p"), pl.col("r")
     ps, rs = (x.str.strip_chars(ASCII_SPACE).str.to_lowercase() for x in (p, r))
     ascii_pair = is_ascii(p) & is_ascii(r)
-    same_ends = (ps.str.head(1) == rs.str.head(1)) & (ps.str.tail(1) == rs.str.tail(1))
+    # lowercasing the one end character only (ASCII: the same character as ps's end)
+    head, tail = (
+        [x.str.strip_chars(ASCII_SPACE).str.head(1).str.to_lowercase() for x in (p, r)],
+        [x.str.strip_chars(ASCII_SPACE).str.tail(1).str.to_lowercase() for x in (p, r)],
+    )
+    same_ends = (head[0] == head[1]) & (tail[0] == tail[1])
     flags = frame.select(ascii_pair.alias("ascii"), same_ends.alias("ends"))
     ascii_, ends = flags.get_column("ascii").to_numpy(), flags.get_column("ends").to_numpy()
     echo = np.zeros(frame.height, dtype=bool)
     maybe = np.flatnonzero(ascii_ & ends)
     same = frame[maybe].select(joined_words(ps) == joined_words(rs)).to_series()
     echo[maybe] = same.to_numpy()
-    for i in np.flatnonzero(~ascii_).tolist():
+    # casefold maps every character to characters all white (or all not) as it was, so an
+    # echo has as many words as its prompt: only such pairs go to Python
+    wide = np.flatnonzero(~ascii_)
+    same_count = (word_count(p) == word_count(r)).fill_null(False)
+    counted = frame[wide].select(same_count).to_series().to_numpy()
+    for i in wide[counted].tolist():
         echo[i] = _normalize(str(responses[i])) == _normalize(str(prompts[i]))
     return echo
 

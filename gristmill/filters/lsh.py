@@ -76,18 +76,35 @@ def band_keys(signatures: np.ndarray, band: Banding) -> np.ndarray:
     return keys
 
 
+#: Signatures as an array, or a function from rows to their signatures (rows of an array).
+SignatureSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
+
+
+def signature_reader(signatures: SignatureSource) -> Callable[[np.ndarray], np.ndarray]:
+    """rows -> their (len, num_perm) signatures, from an array or such a function."""
+    return signatures.__getitem__ if isinstance(signatures, np.ndarray) else signatures
+
+
 def representatives(signatures: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """For each of `rows` (ascending), the earliest of `rows` with an identical signature."""
+    return representatives_by(fold_columns(signatures[rows]), rows, signatures)
+
+
+def representatives_by(
+    keys: np.ndarray, rows: np.ndarray, signatures: SignatureSource
+) -> np.ndarray:
+    """`representatives`, given each row's `fold_columns` key: only the rows whose key an
+    earlier row shares are read back, to confirm the signatures are really equal."""
     if not len(rows):
         return rows.copy()
-    _, first, inverse = np.unique(
-        fold_columns(signatures[rows]), return_index=True, return_inverse=True
-    )
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     rep = rows[first[inverse.ravel()]]
+    read = signature_reader(signatures)
     same = np.ones(len(rows), dtype=bool)
-    for lo in range(0, len(rows), PAIR_CHUNK):
-        part = slice(lo, lo + PAIR_CHUNK)
-        same[part] = (signatures[rows[part]] == signatures[rep[part]]).all(axis=1)
+    moved = np.flatnonzero(rep != rows)
+    for lo in range(0, len(moved), PAIR_CHUNK):
+        part = moved[lo : lo + PAIR_CHUNK]
+        same[part] = (read(rows[part]) == read(rep[part])).all(axis=1)
     return np.where(same, rep, rows)  # a key collision: the row stands for itself
 
 
@@ -146,15 +163,16 @@ class CheckedPairs:
 
 
 def check_pairs(
-    signatures: np.ndarray, earlier: np.ndarray, later: np.ndarray, band: Banding
+    signatures: SignatureSource, earlier: np.ndarray, later: np.ndarray, band: Banding
 ) -> CheckedPairs:
     """Keep the pairs with at least one band exactly equal; count their equal values."""
+    read = signature_reader(signatures)
     width = band.bands * band.rows
     equal = np.zeros(len(earlier), dtype=np.int64)
     shares = np.zeros(len(earlier), dtype=bool)
     for lo in range(0, len(earlier), PAIR_CHUNK):
         part = slice(lo, lo + PAIR_CHUNK)
-        same = signatures[earlier[part]] == signatures[later[part]]
+        same = read(earlier[part]) == read(later[part])
         equal[part] = same.sum(axis=1)
         shares[part] = same[:, :width].reshape(-1, band.bands, band.rows).all(axis=2).any(axis=1)
     return CheckedPairs(earlier[shares], later[shares], equal[shares])
@@ -263,17 +281,51 @@ class LshResult:
     banding: Banding
 
 
+@dataclass(frozen=True)
+class Minhashes:
+    """What the LSH pass needs of n rows: which have no shingles, a key of each whole
+    signature and of each band, and the signatures themselves, of which it reads back only
+    those of rows that share a key (so they may live elsewhere than in one array)."""
+
+    empty: np.ndarray  # bool
+    whole: np.ndarray  # uint64 `fold_columns` of each signature
+    bands: np.ndarray  # (rows, bands) uint64 `band_keys`
+    signatures: SignatureSource
+    num_perm: int
+
+    @classmethod
+    def of(cls, signatures: np.ndarray, empty: np.ndarray, band: Banding) -> Minhashes:
+        """The keys of an array of signatures."""
+        whole, bands = signature_keys(signatures, band)
+        return cls(empty, whole, bands, signatures, signatures.shape[1])
+
+
+def signature_keys(signatures: np.ndarray, band: Banding) -> tuple[np.ndarray, np.ndarray]:
+    """The whole-signature key and the band keys of every row of `signatures`."""
+    return fold_columns(signatures), band_keys(signatures, band)
+
+
 def lsh_duplicates(signatures: np.ndarray, empty: np.ndarray, *, threshold: float) -> LshResult:
     """The greedy MinHash-LSH pass over `signatures` (rows flagged `empty` take no part)."""
-    n, num_perm = signatures.shape
+    band = banding(threshold, signatures.shape[1])
+    return lsh_of(Minhashes.of(signatures, empty, band), threshold=threshold)
+
+
+def lsh_of(hashes: Minhashes, *, threshold: float) -> LshResult:
+    """`lsh_duplicates` of rows given by their keys (`hashes.bands` must be the bands of
+    `banding(threshold, num_perm)`)."""
+    n, num_perm = len(hashes.empty), hashes.num_perm
     band = banding(threshold, num_perm)
+    if hashes.bands.shape[1:] != (band.bands,):
+        raise ValueError(f"band keys have shape {hashes.bands.shape}; {band.bands} bands needed")
     need = threshold * num_perm - 1e-9  # equal values needed, without float surprises
-    live = np.flatnonzero(~empty)
-    rep = representatives(signatures, live)
+    live = np.flatnonzero(~hashes.empty)
+    rep = representatives_by(hashes.whole[live], live, hashes.signatures)
     heads = live[rep == live]
-    buckets = bucket_candidates(heads, band_keys(signatures[heads], band))
-    pairs = check_pairs(signatures, buckets.earlier, buckets.later, band)
-    large = LargeBuckets(buckets.large_rows, buckets.large_keys, signatures.__getitem__, band)
+    buckets = bucket_candidates(heads, hashes.bands[heads])
+    pairs = check_pairs(hashes.signatures, buckets.earlier, buckets.later, band)
+    read = signature_reader(hashes.signatures)
+    large = LargeBuckets(buckets.large_rows, buckets.large_keys, read, band)
     walk = greedy_twins(n, pairs, need, large)
     return finish(walk, pairs, live, rep, need=need, num_perm=num_perm, band=band)
 

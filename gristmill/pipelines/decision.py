@@ -62,9 +62,12 @@ def decide(
     projected: Sequence[str] | None,
     produced: Collection[str],
     stage: str,
+    condensed: Collection[str] = (),
 ) -> Decision:
     """The decision in a stage's `result` over `rows` input rows. With a projection, the
-    columns it read and did not produce are left out: `apply` takes them from the input."""
+    columns it read and did not produce are left out (before the rows are split, so no text
+    is copied): `apply` takes them from the input. So are `condensed`, the columns the
+    stage's `condense` added, unless it produces them."""
     if ROW_COLUMN not in result.columns:
         raise RuntimeError(f"stage {stage!r} dropped the internal column {ROW_COLUMN!r}")
     if not _are_positions(result.get_column(ROW_COLUMN), rows):
@@ -72,10 +75,10 @@ def decide(
             f"stage {stage!r} returned {ROW_COLUMN!r} values that are not positions of its "
             f"{rows} input rows; pass the column through unchanged"
         )
-    kept, dropped = split_drops(result)
     if projected is not None:
-        passed = [c for c in projected if c not in produced and c != DROP_REASON]
-        kept, dropped = kept.drop(passed, strict=False), dropped.drop(passed, strict=False)
+        passed = [c for c in [*projected, *condensed] if c not in produced and c != DROP_REASON]
+        result = result.drop(passed, strict=False)
+    kept, dropped = split_drops(result)
     return Decision(
         kept.sort(ROW_COLUMN, maintain_order=True),
         dropped.sort(ROW_COLUMN, maintain_order=True),

@@ -40,6 +40,7 @@ from gristmill.pipelines.checkpoint import (
     read_parts,
 )
 from gristmill.pipelines.cluster import current_cluster
+from gristmill.pipelines.condensed import condensed_input
 from gristmill.pipelines.decision import Decision, apply, decide, projection, split_drops
 from gristmill.pipelines.generators import generate_input
 from gristmill.pipelines.layout import RunLayout, part_name
@@ -433,7 +434,8 @@ class Pipeline:
         if rows_in:
             schema = common_schema(inputs)
             projected = projection(stage.reads(), schema)
-            data = _indexed_input(inputs, schema, projected)
+            data = condensed_input(stage, ctx, inputs, schema, projected)
+            condensed = time.perf_counter() - start
             result = stage.select(data, ctx)
             compute = time.perf_counter() - start
             decision = decide(
@@ -442,12 +444,13 @@ class Pipeline:
                 projected=projected,
                 produced=stage.produces(),
                 stage=planned.name,
+                condensed=[c for c in data.columns if c != ROW_COLUMN and c not in schema],
             )
             del data, result  # only the decision stays while the output is written
             release_freed_memory()  # and the stage's working set goes back to the OS
             kept = self._joined_parts(planned, decision, inputs, schema, dropped)
         else:  # nothing to select from: an empty output that keeps the input's columns
-            compute = 0.0
+            compute = condensed = 0.0
             kept = iter([read_parts(inputs)])
         names, rows_out = self._write_global_parts(planned, kept)
         summary = self._summary(
@@ -458,6 +461,7 @@ class Pipeline:
             parts=names,
             seconds=time.perf_counter() - start,
             compute_seconds=compute,
+            condense_seconds=round(condensed, 3),
             engine=ctx.engine_stats.snapshot(),
             extra=ctx.extra_stats,
         )
@@ -581,19 +585,6 @@ class Pipeline:
         if success is None:
             raise RuntimeError(f"the last stage {last.name!r} has not finished")
         return [last.dir / p for p in success["parts"]]
-
-
-def _indexed_input(
-    inputs: Sequence[Path], schema: pl.Schema, columns: Sequence[str] | None
-) -> pl.DataFrame:
-    """The whole input with ROW_COLUMN first, then `columns` (None: every column)."""
-    frames = []
-    offset = 0
-    for path in inputs:
-        if parquet_rows(path):
-            frames.append(read_part(path, schema, columns, index=ROW_COLUMN, offset=offset))
-            offset += frames[-1].height
-    return pl.concat(frames) if len(frames) > 1 else frames[0]
 
 
 def _over_wall(engine: dict[str, float], wall: float) -> dict[str, float]:

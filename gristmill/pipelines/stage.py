@@ -299,6 +299,13 @@ class Select(Stage):
     other column of a kept row is the input's, unchanged: a stage that rewrites a column it
     reads must list it in `produces()`. The default, None, passes every column and writes
     the result as it is.
+
+    A stage that needs only a little of each row (a hash, a signature) also overrides
+    `condense`: the pipeline then reads the input one part at a time (several at once, so
+    `condense` must be thread-safe and leave `ctx.extra_stats` alone), condenses each, and
+    hands `select` the condensed parts in order; the texts are never all in memory. `select`
+    must give the same decision for the whole input and for its condensed form, and its
+    result must not carry the columns `condense` added (they are not joined back).
     """
 
     kind: ClassVar[str] = "select"
@@ -306,6 +313,11 @@ class Select(Stage):
     def reads(self) -> tuple[str, ...] | None:
         """The input columns `select` looks at (absent ones are skipped); None: all of them."""
         return None
+
+    def condense(self, part: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        """What `select` needs of one input part (its `reads()` columns after ROW_COLUMN):
+        the same rows, in order, with ROW_COLUMN. The default keeps the part as it is."""
+        return part
 
     def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
         """Choose rows of `data`."""

@@ -391,3 +391,78 @@ def test_select_gets_the_whole_input_collected_and_in_input_order(tmp_path: Path
     assert data.columns[0] == ROW_COLUMN
     assert data.get_column(ROW_COLUMN).to_list() == list(range(len(kept)))
     assert data.get_column("prompt").to_list() == kept
+
+
+class ShortestOfOpening(Select):
+    """Condenses each part to (row, id, opening word, prompt length) and keeps the shortest
+    prompt of each opening word: `select` never sees a prompt text in the pipeline."""
+
+    name = "shortest_of_opening"
+    seen: ClassVar[list[list[str]]] = []
+
+    def reads(self) -> tuple[str, ...]:
+        return ("id", "prompt")
+
+    def produces(self) -> tuple[str, ...]:
+        return ("opening",)
+
+    def condense(self, part: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        return part.select(
+            ROW_COLUMN,
+            "id",
+            pl.col("prompt").str.split(" ").list.first().alias("opening"),
+            pl.col("prompt").str.len_chars().alias("_chars"),
+        )
+
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        if "_chars" not in data.columns:  # the whole input: add what condense would
+            data = data.with_columns(self.condense(data, ctx).drop(ROW_COLUMN, "id"))
+        self.seen.append(data.columns)
+        best = pl.col("_chars") == pl.col("_chars").min().over("opening")
+        first = pl.int_range(pl.len()).over("opening", best) == 0
+        return data.filter(best & first).drop("_chars")
+
+
+class Shrink(Select):
+    """A broken condense: it drops rows."""
+
+    name = "shrink"
+
+    def reads(self) -> tuple[str, ...]:
+        return ("prompt",)
+
+    def condense(self, part: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        return part.head(1)
+
+    def select(self, data: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+        return data
+
+
+def test_a_condensing_stage_sees_only_its_condensed_parts(tmp_path: Path) -> None:
+    recipe = Recipe(
+        name="condense",
+        part_rows=7,
+        input=Input(path=GSM8K, mapping={"prompt": "question", "response": "answer"}),
+        stages=(DropThirds(), ShortestOfOpening()),
+    )
+    ShortestOfOpening.seen.clear()
+    pipe = Pipeline(recipe, tmp_path / "run", show_progress=False)
+    pipe.run()
+    assert ShortestOfOpening.seen == [[ROW_COLUMN, "id", "opening", "_chars"]]
+    assert check_against_whole_input(pipe) == ["shortest_of_opening"]
+    kept = read_parts(pipe.final_parts())
+    assert "_chars" not in kept.columns and kept.columns[-1] == "opening"
+    assert "prompt" in kept.columns and kept.get_column("opening").is_unique().all()
+    success = read_json(RunLayout.success(pipe.stages[1].dir))
+    assert success["condense_seconds"] >= 0
+
+
+def test_a_condense_that_drops_rows_is_an_error(tmp_path: Path) -> None:
+    recipe = Recipe(
+        name="shrink",
+        part_rows=30,
+        input=Input(path=GSM8K, mapping={"prompt": "question", "response": "answer"}),
+        stages=(Shrink(),),
+    )
+    with pytest.raises(RuntimeError, match="condense must keep every row of a part"):
+        Pipeline(recipe, tmp_path / "run", show_progress=False).run()
