@@ -31,8 +31,10 @@ def test_dart_arith_lands_verified_rows_with_per_level_stats(dart_run: Path) -> 
     assert sum(b["queries"] for b in buckets.values()) == 10
     trials = sum(b["trials"] for b in buckets.values())
     assert 20 <= trials <= 60  # probe 2 each, at most 6 each
-    # one generate call per round, never one per problem
-    assert dart["engine"]["calls"] == extra["rounds"] == extra["calls"] <= 3
+    # continuous (the default): one request per query per round, each as soon as the query's
+    # last one was verified; at most 3 per query (the probe, then 2 samples at a time to 6)
+    assert dart["engine"]["calls"] == extra["calls"]
+    assert 10 <= extra["calls"] <= 30 and 1 <= extra["rounds"] <= 3
     covered = sum(b["covered"] for b in buckets.values())
     assert dart["rows_out"] + dart["dropped"].get("no_correct_sample", 0) >= 10 - covered
 
@@ -81,6 +83,7 @@ def test_difficulty_from_the_shared_run_skips_the_probe(dart_run: Path, tmp_path
     source = dart["extra"]["difficulty"]
     assert source["source"] == "earlier_run" and source["stage_dir"] == str(first_dir)
     assert source["fingerprint"] == first["fingerprint"] and source["queries"] == 10
-    assert dart["engine"]["calls"] == 1  # one round of one sample each: no probing round
+    # one request of one sample per query: no probing round
+    assert dart["extra"]["rounds"] == 1 and dart["engine"]["calls"] == 10
     assert sum(b["trials"] for b in dart["extra"]["buckets"].values()) == 10
     assert {q: r["fail_rate"] for q, r in _query_rows(out / dart["dir"]).items()} == pool

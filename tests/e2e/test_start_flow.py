@@ -40,9 +40,8 @@ def test_start_math_executes_code_and_saves_it_in_the_trajectory(
     assert stage["stage"] == "hint_infer" and stage["rows_in"] == 4
     extra = stage["extra"]
     assert extra["problems"] == 4 and extra["trajectories"] == 4
-    # one generate call per round over every live trajectory (the greedy baselines ride
-    # in the first), never one per problem
-    assert stage["engine"]["calls"] == extra["calls"] == extra["rounds"]
+    # continuous (the default): every trajectory step and greedy baseline is one request
+    assert stage["engine"]["calls"] == extra["calls"] >= extra["rounds"] >= 1
     assert extra["hints"].get("stop", 0) >= 1 and extra["tool_calls"] >= 1
 
     (stage_dir,) = out.glob("01_hint_infer-*")
