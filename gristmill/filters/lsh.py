@@ -23,7 +23,7 @@ which costs (members x kept members), small when the bucket is one big near-copy
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +78,32 @@ def band_keys(signatures: np.ndarray, band: Banding) -> np.ndarray:
 
 #: Signatures as an array, or a function from rows to their signatures (rows of an array).
 SignatureSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ChunkedSignatures:
+    """Signatures held as consecutive arrays (one per condensed part, say), read by row
+    without ever being copied into one."""
+
+    chunks: tuple[np.ndarray, ...]  # (rows, num_perm) uint32 each
+    starts: np.ndarray  # int64 first row of each chunk, then the total
+    num_perm: int
+
+    @classmethod
+    def of(cls, chunks: Sequence[np.ndarray], num_perm: int) -> ChunkedSignatures:
+        """The rows of `chunks`, in order."""
+        sizes = [len(c) for c in chunks]
+        starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
+        return cls(tuple(chunks), starts, num_perm)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """The signatures of `rows` (any order), as one (len, num_perm) array."""
+        out = np.empty((len(rows), self.num_perm), dtype=np.uint32)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(which).tolist():
+            at = np.flatnonzero(which == k)
+            out[at] = self.chunks[k][rows[at] - self.starts[k]]
+        return out
 
 
 def signature_reader(signatures: SignatureSource) -> Callable[[np.ndarray], np.ndarray]:
@@ -139,18 +165,28 @@ class Buckets:
 
 
 def bucket_candidates(rows: np.ndarray, keys: np.ndarray, limit: int | None = None) -> Buckets:
-    """The candidates of `rows` (with their (rows, bands) band keys), by a self-join;
-    `limit` defaults to PAIR_LIMIT."""
+    """The candidates of `rows` (with their (rows, bands) band keys), by a self-join per
+    band (keys are salted by band, so no bucket spans two: one band's table at a time is
+    in memory); `limit` defaults to PAIR_LIMIT."""
     limit = PAIR_LIMIT if limit is None else limit
-    bands = keys.shape[1]
-    table = pl.DataFrame({"row": np.repeat(rows.astype(np.int64), bands), "key": keys.ravel()})
-    pairs, large = split_buckets(table, limit)
+    found, large = [], []
+    for band in range(keys.shape[1]):
+        table = pl.DataFrame({"row": rows.astype(np.int64), "key": keys[:, band]})
+        band_pairs, band_large = split_buckets(table, limit)
+        found.append(band_pairs)
+        large.append(band_large)
+    pairs = pl.concat(found).unique() if found else pl.DataFrame(schema=_PAIRS)
+    members = pl.concat(large) if large else pl.DataFrame(schema=_MEMBERS)
     return Buckets(
         pairs.get_column("row").to_numpy(),
         pairs.get_column("later").to_numpy(),
-        large.get_column("row").to_numpy(),
-        large.get_column("key").to_numpy(),
+        members.get_column("row").to_numpy(),
+        members.get_column("key").to_numpy(),
     )
+
+
+_PAIRS = {"row": pl.Int64, "later": pl.Int64}
+_MEMBERS = {"row": pl.Int64, "key": pl.UInt64}
 
 
 @dataclass(frozen=True)

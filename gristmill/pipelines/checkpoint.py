@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 
 from gristmill.atomic import atomic_path
 
-
 #: Compression of the run's working files (stage parts, rejected rows), not of the dataset
 #: (`records.write_table`). Parts are written once and read once or twice, so speed wins:
 #: on a 20,000-row part of GSM8K records uncompressed writes in 0.05 s and reads in 0.05 s,

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from datasketch import MinHash
 
+from gristmill.filters import dedup
 from gristmill.filters.dedup import (
     ExactDedup,
     ExactDedupConfig,
@@ -155,6 +156,22 @@ def test_shingles_match_a_reference_and_signatures_match_datasketch(
     # answer shingle, even for the same words
     short = records_frame([qa("Name three primes.", "Name three primes.")])
     assert len(np.unique(row_shingles(short, fields, ngram=5, unit="word").hashes)) == 2
+
+
+def test_signatures_do_not_depend_on_the_shingle_block(
+    planted: tuple[pl.DataFrame, dict[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of a few shingles (rows larger than a block, rows without shingles among
+    them) give the signatures one block of everything gives."""
+    frame, _ = planted
+    texts = pl.concat([frame, records_frame([qa("...", "!!!")]), frame.head(3)])
+    shingles = row_shingles(texts, ("prompt", "response"), ngram=5, unit="word")
+    whole = minhash_signatures(shingles, texts.height + 2, num_perm=32, seed=3)
+    monkeypatch.setattr(dedup, "SHINGLE_BLOCK", 7)
+    blocked = minhash_signatures(shingles, texts.height + 2, num_perm=32, seed=3)
+    np.testing.assert_array_equal(blocked[0], whole[0])
+    np.testing.assert_array_equal(blocked[1], whole[1])
+    assert whole[1][-6:].tolist() == [True, False, False, False, True, True]
 
 
 def test_minhash_catches_planted_near_duplicates_and_nothing_else(
