@@ -398,7 +398,8 @@ def _window_hits(texts: pl.Series, index: EvalIndex) -> tuple[pl.Series, np.ndar
         found.append(np.stack([at, np.full(len(at), size), np.searchsorted(keys, window)], 1))
     hits = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
     hits = hits[np.lexsort((hits[:, 1], hits[:, 0]))]
-    return tokens, np.column_stack([layout.text_of[hits[:, 0]], layout.position[hits[:, 0]], hits])
+    at = hits[:, 0]
+    return tokens, np.column_stack([layout.text_of[at], layout.positions(at), hits])
 
 
 def find_hits(texts: pl.Series, index: EvalIndex) -> list[tuple[int, int, str]]:

@@ -310,8 +310,14 @@ class Windows:
 
     hashes: np.ndarray  # uint64 hash of the window's tokens
     text: np.ndarray  # int64 index of the text the window lies in
-    start: np.ndarray  # int64 first token of the window, within its text
     size: np.ndarray  # int64 tokens in the window
+    flat: np.ndarray  # int64 first token of the window, among all texts' tokens
+    text_offsets: np.ndarray  # int64 first token of each text
+
+    @property
+    def start(self) -> np.ndarray:
+        """int64 first token of each window, within its text (computed when asked)."""
+        return self.flat - self.text_offsets[self.text]
 
 
 def ngram_windows(
@@ -351,7 +357,7 @@ def ngram_windows(
         order = np.lexsort((size_of, flat))
         flat, size_of = flat[order], size_of[order]
     hashes = layout.hashes(flat, size_of)
-    return Windows(hashes, layout.text_of[flat], layout.position[flat], size_of)
+    return Windows(hashes, layout.text_of[flat], size_of, flat, layout.offsets)
 
 
 def _check_fields(fields: tuple[str, ...], *, where: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ which costs (members x kept members), small when the bucket is one big near-copy
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,9 +42,11 @@ class Banding:
     rows: int
 
 
+@functools.lru_cache(maxsize=64)
 def banding(threshold: float, num_perm: int) -> Banding:
     """datasketch's choice of bands for a threshold (false positives and negatives weighed
-    equally); its errors (too few bands) are raised as they are."""
+    equally); its errors (too few bands) are raised as they are. Cached: datasketch finds
+    it by numerical integration (about 30 ms), and every condensed part asks."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
