@@ -47,6 +47,7 @@ import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -745,12 +746,20 @@ class MinHashDedup(Select):
         return text_signatures(field_texts(frame, self.config.fields), self.config)
 
     def condense(self, part: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
-        """The ids, MinHash signatures and their LSH keys (MINHASH_COLUMNS; on a Dask
-        cluster: the texts, which are hashed there)."""
+        """The ids, MinHash signatures and their LSH keys (MINHASH_COLUMNS). With a
+        `ctx.state_dir` the signatures go to a file there (`spill_path`) and only the keys
+        stay: the LSH pass reads back the few signatures it checks. On a Dask cluster: the
+        texts, which are hashed there."""
         if ctx.cluster is not None:
             return part
         ids = part.select(c for c in (ROW_COLUMN, "id", DROP_REASON) if c in part.columns)
-        return ids.with_columns(self._minhash_columns(part))
+        columns = self._minhash_columns(part)
+        if ctx.state_dir is not None and part.height:
+            path = spill_path(ctx.state_dir, int(part.get_column(ROW_COLUMN)[0]))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, columns[0].to_numpy())
+            columns = columns[1:]
+        return ids.with_columns(columns)
 
     def _minhash_columns(self, frame: pl.DataFrame) -> list[pl.Series]:
         signatures, empty = self.signatures(frame)
@@ -767,16 +776,16 @@ class MinHashDedup(Select):
         start = time.perf_counter()
         if ctx.cluster is None:
             seconds: dict[str, object] = {}
-            if MINHASH_COLUMNS[0] not in data.columns:  # not condensed: hash the texts here
+            if MINHASH_COLUMNS[1] not in data.columns:  # not condensed: hash the texts here
                 data = data.with_columns(self._minhash_columns(data))
                 seconds["minhash_seconds"] = round(time.perf_counter() - start, 3)
             hashed = time.perf_counter()
-            hashes = minhashes_in(data, cfg.num_perm)
+            hashes = minhashes_in(data, cfg.num_perm, spilled=ctx.state_dir)
             near = near_duplicates_of(lsh_of(hashes, threshold=cfg.threshold), cfg.num_perm)
             seconds["rows_without_tokens"] = int(hashes.empty.sum())
             seconds["lsh_seconds"] = round(time.perf_counter() - hashed, 3)
             del hashes
-            data = data.drop(MINHASH_COLUMNS)
+            data = data.drop(MINHASH_COLUMNS, strict=False)
         else:
             near = self._near_duplicates_on(ctx.cluster, data)
             seconds = {
@@ -827,16 +836,39 @@ def minhash_columns(signatures: np.ndarray, empty: np.ndarray, band: Banding) ->
     return [pl.Series(name, v) for name, v in zip(MINHASH_COLUMNS, values, strict=True)]
 
 
-def minhashes_in(data: pl.DataFrame, num_perm: int) -> Minhashes:
+#: The files of `spill_path`.
+SPILL_GLOB = "minhash-*.npy"
+
+
+def spill_path(folder: Path, first_row: int) -> Path:
+    """Where `MinHashDedup.condense` leaves the signatures of the part from `first_row` on
+    (names sort in row order)."""
+    return folder / f"minhash-{first_row:012d}.npy"
+
+
+def minhashes_in(data: pl.DataFrame, num_perm: int, *, spilled: Path | None = None) -> Minhashes:
     """The LSH view of MINHASH_COLUMNS: keys as arrays, signatures read back on demand from
-    the column's chunks (numpy views of them: the column is never copied whole)."""
-    signatures, whole, bands, empty = (data.get_column(c) for c in MINHASH_COLUMNS)
-    chunks = [c.to_numpy().reshape(c.len(), num_perm) for c in signatures.get_chunks()]
+    the column's chunks (numpy views of them: the column is never copied whole) or, when
+    the column is absent, from the parts' files in `spilled`."""
+    whole, bands, empty = (data.get_column(c) for c in MINHASH_COLUMNS[1:])
+    if MINHASH_COLUMNS[0] in data.columns:
+        column = data.get_column(MINHASH_COLUMNS[0])
+        chunks: list[np.ndarray | Path] = [
+            c.to_numpy().reshape(c.len(), num_perm) for c in column.get_chunks()
+        ]
+    else:
+        chunks = sorted(spilled.glob(SPILL_GLOB)) if spilled is not None else []
+    signatures = ChunkedSignatures.of(chunks, num_perm)
+    if signatures.starts[-1] != data.height:
+        raise RuntimeError(
+            f"minhash_dedup: {signatures.starts[-1]} signatures for {data.height} rows"
+            + (f" in {spilled}" if spilled is not None else "")
+        )
     return Minhashes(
         empty.to_numpy(),
         whole.to_numpy(),
         bands.to_numpy().reshape(data.height, -1),
-        ChunkedSignatures.of(chunks, num_perm),
+        signatures,
         num_perm,
     )
 

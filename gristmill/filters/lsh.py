@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -85,17 +86,18 @@ SignatureSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class ChunkedSignatures:
-    """Signatures held as consecutive arrays (one per condensed part, say), read by row
-    without ever being copied into one."""
+    """Signatures held as consecutive arrays (one per condensed part, say), or as `.npy`
+    files of them, read by row without ever being put together: a file is mapped only while
+    its rows are copied out, so only the rows asked for take memory."""
 
-    chunks: tuple[np.ndarray, ...]  # (rows, num_perm) uint32 each
+    chunks: tuple[np.ndarray | Path, ...]  # (rows, num_perm) uint32 each, or its .npy file
     starts: np.ndarray  # int64 first row of each chunk, then the total
     num_perm: int
 
     @classmethod
-    def of(cls, chunks: Sequence[np.ndarray], num_perm: int) -> ChunkedSignatures:
+    def of(cls, chunks: Sequence[np.ndarray | Path], num_perm: int) -> ChunkedSignatures:
         """The rows of `chunks`, in order."""
-        sizes = [len(c) for c in chunks]
+        sizes = [len(c) if isinstance(c, np.ndarray) else _npy_rows(c) for c in chunks]
         starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
         return cls(tuple(chunks), starts, num_perm)
 
@@ -105,8 +107,16 @@ class ChunkedSignatures:
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for k in np.unique(which).tolist():
             at = np.flatnonzero(which == k)
-            out[at] = self.chunks[k][rows[at] - self.starts[k]]
+            chunk = self.chunks[k]
+            values = chunk if isinstance(chunk, np.ndarray) else np.load(chunk, mmap_mode="r")
+            out[at] = values[rows[at] - self.starts[k]]
+            del values  # a mapped file is unmapped here
         return out
+
+
+def _npy_rows(path: Path) -> int:
+    """Rows of the array in a .npy file (mapped, not read: only its header is)."""
+    return int(np.load(path, mmap_mode="r").shape[0])
 
 
 def signature_reader(signatures: SignatureSource) -> Callable[[np.ndarray], np.ndarray]:
