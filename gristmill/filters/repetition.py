@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from gristmill.filters.pywords import split_words
+from gristmill.threads import thread_map
 
 
 def duplicate_ngram_fraction(text: str, n: int) -> float:
@@ -51,11 +52,12 @@ CHUNK_TEXTS = 4096
 
 
 def duplicate_ngram_fractions(texts: pl.Series, n: int) -> np.ndarray:
-    """`duplicate_ngram_fraction(t, n)` for every text (null counts as ""), as float64."""
-    chunks = [
-        _chunk_fractions(texts.slice(lo, CHUNK_TEXTS), n)
-        for lo in range(0, len(texts), CHUNK_TEXTS)
-    ]
+    """`duplicate_ngram_fraction(t, n)` for every text (null counts as ""), as float64; the
+    chunks are measured side by side (`gristmill.threads`)."""
+    chunks = thread_map(
+        lambda lo: _chunk_fractions(texts.slice(lo, CHUNK_TEXTS), n),
+        range(0, len(texts), CHUNK_TEXTS),
+    )
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float64)
 
 
