@@ -25,8 +25,11 @@ problems at once as it takes to keep rows distinct, three or four), or `--gsm8k 
     .venv/bin/python bench/scale.py --rows 200000 --no-small --keep /tmp/scale
 
 Peak RSS is sampled (every `--poll-s`) over the child's whole process tree (the run, Prefect's
-temporary server, the reaper's watcher) and also read from the kernel for the largest single
-process (`getrusage` of the children: exact, not sampled). Figures are in bench/README.md.
+temporary server, the reaper's watcher); the largest single process's peak is its kernel
+high-water mark (`VmHWM` in /proc, read at every poll, so no peak between polls is missed).
+`getrusage` of the children is not used: Linux carries a process's peak RSS across exec, so
+a child started by this script counts this script's own size (about 2.4 GB once it has
+written a million rows), not the run's. Figures are in bench/README.md.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import argparse
 import json
 import math
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -211,7 +213,7 @@ class Child:
     wall_s: float
     #: (when, RSS summed over its process tree), every poll.
     samples: list[tuple[datetime, int]]
-    #: The kernel's peak RSS of its largest process (0: unknown).
+    #: The kernel's peak RSS (VmHWM) of its largest process, as last read (0: unknown).
     largest_bytes: int
 
 
@@ -219,13 +221,13 @@ def run_measured(recipe: Path, out: Path, *, poll_s: float) -> Child:
     """Run `gristmill run` as a child process, sampling its tree's memory."""
     cmd = [sys.executable, "-m", "gristmill.cli", "run", str(recipe), "--out", str(out)]
     cmd.append("--no-progress")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     launched = datetime.now(UTC)
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     samples: list[tuple[datetime, int]] = []
+    peaks: dict[int, int] = {}
     done = threading.Event()
-    sampler = threading.Thread(target=_sample_tree, args=(child.pid, poll_s, done, samples))
+    sampler = threading.Thread(target=_sample_tree, args=(child.pid, poll_s, done, samples, peaks))
     sampler.start()
     output, _ = child.communicate()
     wall = time.perf_counter() - start
@@ -234,16 +236,30 @@ def run_measured(recipe: Path, out: Path, *, poll_s: float) -> Child:
     if child.returncode != 0:
         sys.stdout.write(output.decode(errors="replace"))
         raise SystemExit(f"gristmill run failed with exit code {child.returncode}")
-    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if largest <= before:  # an earlier, larger child set the maximum: sampling is all we have
-        largest = 0
-    return Child(launched, wall, samples, largest * 1024)
+    return Child(launched, wall, samples, max(peaks.values(), default=0))
+
+
+def _high_water(pid: int) -> int:
+    """A process's peak RSS so far (VmHWM), in bytes; 0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _sample_tree(
-    pid: int, poll_s: float, done: threading.Event, samples: list[tuple[datetime, int]]
+    pid: int,
+    poll_s: float,
+    done: threading.Event,
+    samples: list[tuple[datetime, int]],
+    peaks: dict[int, int],
 ) -> None:
-    """Append (now, sum of RSS over `pid` and its descendants) every `poll_s` seconds."""
+    """Append (now, sum of RSS over `pid` and its descendants) every `poll_s` seconds, and
+    keep each process's latest high-water mark in `peaks`."""
     try:
         root = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -259,6 +275,7 @@ def _sample_tree(
                 total += proc.memory_info().rss
             except psutil.NoSuchProcess:
                 continue
+            peaks[proc.pid] = max(peaks.get(proc.pid, 0), _high_water(proc.pid))
         samples.append((datetime.now(UTC), total))
         done.wait(poll_s)
 

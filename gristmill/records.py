@@ -520,11 +520,10 @@ def write_table(df: pl.DataFrame, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         if suffix == ".parquet":
             table = df.to_arrow()
-            pq.write_table(
-                table.cast(pa.schema([_plain_field(f) for f in table.schema])),
-                tmp,
-                compression="zstd",
-            )
+            # rebound, so the uncast copy is freed before the write (a shard is held twice,
+            # not three times)
+            table = table.cast(pa.schema([_plain_field(f) for f in table.schema]))
+            pq.write_table(table, tmp, compression="zstd")
         else:
             df.write_ndjson(tmp)
     return path

@@ -48,6 +48,7 @@ from gristmill.records import (
     default_source,
     infer_format,
 )
+from gristmill.threads import thread_map
 
 #: Columns the stage writes (null on clean rows).
 CONTAM_COLUMNS = ("contam_eval", "contam_item", "contam_field", "contam_ngram")
@@ -398,7 +399,8 @@ def _window_hits(texts: pl.Series, index: EvalIndex) -> tuple[pl.Series, np.ndar
         found.append(np.stack([at, np.full(len(at), size), np.searchsorted(keys, window)], 1))
     hits = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
     hits = hits[np.lexsort((hits[:, 1], hits[:, 0]))]
-    return tokens, np.column_stack([layout.text_of[hits[:, 0]], layout.position[hits[:, 0]], hits])
+    at = hits[:, 0]
+    return tokens, np.column_stack([layout.text_of[at], layout.positions(at), hits])
 
 
 def find_hits(texts: pl.Series, index: EvalIndex) -> list[tuple[int, int, str]]:
@@ -431,12 +433,24 @@ def find_hits(texts: pl.Series, index: EvalIndex) -> list[tuple[int, int, str]]:
     return found
 
 
+#: Rows matched per piece of a batch; pieces run side by side (`gristmill.threads`).
+CHUNK_ROWS = 5_000
+
+
 def first_hits(frame: pl.DataFrame, fields: Sequence[str], index: EvalIndex) -> list[Hit | None]:
-    """Each row's first hit over `fields` (field order, then position), or None."""
+    """Each row's first hit over `fields` (field order, then position), or None. A row's
+    hits depend on its texts only, so pieces of CHUNK_ROWS rows are matched apart."""
     texts = frame.select(pl.concat_list([field_expr(f) for f in fields]).alias("t"))
+    flat = texts.get_column("t").explode()
     hits: list[Hit | None] = [None] * frame.height
     n_fields = len(fields)
-    for text, source, ngram in find_hits(texts.get_column("t").explode(), index):
+    step = CHUNK_ROWS * n_fields
+
+    def piece(lo: int) -> list[tuple[int, int, str]]:
+        return [(lo + t, s, g) for t, s, g in find_hits(flat.slice(lo, step), index)]
+
+    found = thread_map(piece, range(0, max(flat.len(), 1), step))
+    for text, source, ngram in (hit for part in found for hit in part):
         row = text // n_fields
         if hits[row] is None:
             hits[row] = Hit(

@@ -23,8 +23,10 @@ which costs (members x kept members), small when the bucket is one big near-copy
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -41,9 +43,11 @@ class Banding:
     rows: int
 
 
+@functools.lru_cache(maxsize=64)
 def banding(threshold: float, num_perm: int) -> Banding:
     """datasketch's choice of bands for a threshold (false positives and negatives weighed
-    equally); its errors (too few bands) are raised as they are."""
+    equally); its errors (too few bands) are raised as they are. Cached: datasketch finds
+    it by numerical integration (about 30 ms), and every condensed part asks."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -78,6 +82,41 @@ def band_keys(signatures: np.ndarray, band: Banding) -> np.ndarray:
 
 #: Signatures as an array, or a function from rows to their signatures (rows of an array).
 SignatureSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ChunkedSignatures:
+    """Signatures held as consecutive arrays (one per condensed part, say), or as `.npy`
+    files of them, read by row without ever being put together: a file is mapped only while
+    its rows are copied out, so only the rows asked for take memory."""
+
+    chunks: tuple[np.ndarray | Path, ...]  # (rows, num_perm) uint32 each, or its .npy file
+    starts: np.ndarray  # int64 first row of each chunk, then the total
+    num_perm: int
+
+    @classmethod
+    def of(cls, chunks: Sequence[np.ndarray | Path], num_perm: int) -> ChunkedSignatures:
+        """The rows of `chunks`, in order."""
+        sizes = [len(c) if isinstance(c, np.ndarray) else _npy_rows(c) for c in chunks]
+        starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
+        return cls(tuple(chunks), starts, num_perm)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """The signatures of `rows` (any order), as one (len, num_perm) array."""
+        out = np.empty((len(rows), self.num_perm), dtype=np.uint32)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(which).tolist():
+            at = np.flatnonzero(which == k)
+            chunk = self.chunks[k]
+            values = chunk if isinstance(chunk, np.ndarray) else np.load(chunk, mmap_mode="r")
+            out[at] = values[rows[at] - self.starts[k]]
+            del values  # a mapped file is unmapped here
+        return out
+
+
+def _npy_rows(path: Path) -> int:
+    """Rows of the array in a .npy file (mapped, not read: only its header is)."""
+    return int(np.load(path, mmap_mode="r").shape[0])
 
 
 def signature_reader(signatures: SignatureSource) -> Callable[[np.ndarray], np.ndarray]:
@@ -139,18 +178,28 @@ class Buckets:
 
 
 def bucket_candidates(rows: np.ndarray, keys: np.ndarray, limit: int | None = None) -> Buckets:
-    """The candidates of `rows` (with their (rows, bands) band keys), by a self-join;
-    `limit` defaults to PAIR_LIMIT."""
+    """The candidates of `rows` (with their (rows, bands) band keys), by a self-join per
+    band (keys are salted by band, so no bucket spans two: one band's table at a time is
+    in memory); `limit` defaults to PAIR_LIMIT."""
     limit = PAIR_LIMIT if limit is None else limit
-    bands = keys.shape[1]
-    table = pl.DataFrame({"row": np.repeat(rows.astype(np.int64), bands), "key": keys.ravel()})
-    pairs, large = split_buckets(table, limit)
+    found, large = [], []
+    for band in range(keys.shape[1]):
+        table = pl.DataFrame({"row": rows.astype(np.int64), "key": keys[:, band]})
+        band_pairs, band_large = split_buckets(table, limit)
+        found.append(band_pairs)
+        large.append(band_large)
+    pairs = pl.concat(found).unique() if found else pl.DataFrame(schema=_PAIRS)
+    members = pl.concat(large) if large else pl.DataFrame(schema=_MEMBERS)
     return Buckets(
         pairs.get_column("row").to_numpy(),
         pairs.get_column("later").to_numpy(),
-        large.get_column("row").to_numpy(),
-        large.get_column("key").to_numpy(),
+        members.get_column("row").to_numpy(),
+        members.get_column("key").to_numpy(),
     )
+
+
+_PAIRS = {"row": pl.Int64, "later": pl.Int64}
+_MEMBERS = {"row": pl.Int64, "key": pl.UInt64}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ arithmetic on uint64 wraps mod 2^64).
 
 from __future__ import annotations
 
-import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,18 +19,33 @@ BASE = 0x9E3779B97F4A7C15
 _INVERSE = pow(BASE, -1, 1 << 64)
 
 
-@functools.lru_cache(maxsize=2)
-def _power_table(base: int, count: int) -> np.ndarray:
-    steps = np.full(count, base, dtype=np.uint64)
-    steps[0] = 1
-    table = np.cumprod(steps, dtype=np.uint64)
-    table.setflags(write=False)
-    return table
+class _Powers:
+    """base^0 .. base^(n-1) mod 2^64, one table per base, grown (doubling) when a longer one
+    is asked for, so every call after the first few is a slice."""
+
+    def __init__(self, base: int, factor: int = 1) -> None:
+        self.base, self.factor = base, factor
+        self.table = np.zeros(0, dtype=np.uint64)
+        self.lock = threading.Lock()  # condense threads may ask at once
+
+    def __call__(self, count: int) -> np.ndarray:
+        table = self.table
+        if len(table) < count:
+            with self.lock:
+                if len(self.table) < count:
+                    size = 1 << max(count, 1).bit_length()
+                    steps = np.full(size, self.base, dtype=np.uint64)
+                    steps[0] = self.factor  # factor * base^k
+                    grown = np.cumprod(steps, dtype=np.uint64)
+                    grown.setflags(write=False)
+                    self.table = grown
+                table = self.table
+        return table[:count]
 
 
-def _powers(base: int, count: int) -> np.ndarray:
-    """base^0 .. base^(count-1) mod 2^64 as uint64 (a cached table, sized in powers of 2)."""
-    return _power_table(base, 1 << max(count, 1).bit_length())[:count]
+#: C^k, and C^(1-k) (the factor that brings a window starting at token k down to C^1).
+_UP = _Powers(BASE)
+_DOWN = _Powers(_INVERSE, BASE)
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,6 @@ class TokenWindows:
     """The token layout of many texts laid end to end, ready to hash windows."""
 
     text_of: np.ndarray  # int64 text of each token
-    position: np.ndarray  # int64 position of each token in its text
     room: np.ndarray  # int64 tokens from each token to the end of its text
     offsets: np.ndarray  # int64 first token of each text
     lengths: np.ndarray  # int64 tokens per text
@@ -50,13 +64,18 @@ class TokenWindows:
         """The layout of `values` (uint64 token hashes, text after text) cut by `lengths`."""
         n = len(values)
         text_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
-        position = np.arange(n, dtype=np.int64) - offsets[text_of]
+        ends = np.cumsum(lengths, dtype=np.int64)
+        offsets = ends - lengths
         prefix = np.zeros(n + 1, dtype=np.uint64)
-        np.cumsum(values.astype(np.uint64) * _powers(BASE, n), dtype=np.uint64, out=prefix[1:])
-        down = _powers(_INVERSE, n) * np.uint64(BASE)
-        room = lengths[text_of] - position
-        return cls(text_of, position, room, offsets, lengths, prefix, down)
+        np.multiply(values.astype(np.uint64, copy=False), _UP(n), out=prefix[1:])
+        np.cumsum(prefix[1:], dtype=np.uint64, out=prefix[1:])
+        room = ends[text_of]
+        room -= np.arange(n, dtype=np.int64)
+        return cls(text_of, room, offsets, lengths, prefix, _DOWN(n))
+
+    def positions(self, flat: np.ndarray) -> np.ndarray:
+        """The position of each token of `flat` (flat token indices) within its text."""
+        return flat - self.offsets[self.text_of[flat]]
 
     def starts(self, size: int) -> np.ndarray:
         """Flat positions where a window of `size` tokens fits inside one text."""

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from gristmill.filters.pywords import split_words
+from gristmill.threads import thread_map
 
 
 def duplicate_ngram_fraction(text: str, n: int) -> float:
@@ -51,11 +52,12 @@ CHUNK_TEXTS = 4096
 
 
 def duplicate_ngram_fractions(texts: pl.Series, n: int) -> np.ndarray:
-    """`duplicate_ngram_fraction(t, n)` for every text (null counts as ""), as float64."""
-    chunks = [
-        _chunk_fractions(texts.slice(lo, CHUNK_TEXTS), n)
-        for lo in range(0, len(texts), CHUNK_TEXTS)
-    ]
+    """`duplicate_ngram_fraction(t, n)` for every text (null counts as ""), as float64; the
+    chunks are measured side by side (`gristmill.threads`)."""
+    chunks = thread_map(
+        lambda lo: _chunk_fractions(texts.slice(lo, CHUNK_TEXTS), n),
+        range(0, len(texts), CHUNK_TEXTS),
+    )
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float64)
 
 
@@ -100,12 +102,12 @@ def _chunk_fractions(texts: pl.Series, n: int) -> np.ndarray:
         word = pl.col("w")
         equal = [word.gather(rep + k) == word.gather(src + k) for k in range(n)]
         same &= flat.select(pl.all_horizontal(equal)).to_series().to_numpy()
-    size = flat.height + 1
-    marks = np.bincount(rep, minlength=size) - np.bincount(rep + n, minlength=size)
-    covered = np.cumsum(marks[:-1]) > 0
     chars = words.get_column("w").to_numpy().astype(np.int64)
-    total = np.bincount(text_of, weights=chars, minlength=len(lengths))
-    dup = np.bincount(text_of, weights=chars * covered, minlength=len(lengths))
+    running = np.concatenate(([0], np.cumsum(chars)))  # word characters, text by text
+    bounds = np.concatenate(([0], np.cumsum(lengths)))
+    total = (running[bounds[1:]] - running[bounds[:-1]]).astype(np.float64)
+    covered = np.unique((rep[:, None] + np.arange(n)).ravel())  # words in a repeat: few
+    dup = np.bincount(text_of[covered], weights=chars[covered], minlength=len(lengths))
     fits = (lengths >= n) & (total > 0)
     out[fits] = dup[fits] / total[fits]
     for t in np.unique(text_of[rep[~same]]).tolist():  # hash collisions: the definition

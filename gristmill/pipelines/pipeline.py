@@ -229,7 +229,7 @@ class Pipeline:
             engine_locks=self._engine_locks,
             engine_stats=EngineStats(),
             show_progress=self.show_progress,
-            state_dir=self.layout.state(planned.dir, part) if planned.is_map else None,
+            state_dir=self.layout.state(planned.dir, part),
             cluster=current_cluster(),
             continuous=not self.recipe.deterministic,
         )
@@ -434,9 +434,12 @@ class Pipeline:
         if rows_in:
             schema = common_schema(inputs)
             projected = projection(stage.reads(), schema)
-            data = condensed_input(stage, ctx, inputs, schema, projected)
-            condensed = time.perf_counter() - start
-            result = stage.select(data, ctx)
+            try:
+                data = condensed_input(stage, ctx, inputs, schema, projected)
+                condensed = time.perf_counter() - start
+                result = stage.select(data, ctx)
+            finally:  # scratch files (spilled signatures) last only as long as the stage
+                _remove_state(ctx)
             compute = time.perf_counter() - start
             decision = decide(
                 result,
@@ -585,6 +588,14 @@ class Pipeline:
         if success is None:
             raise RuntimeError(f"the last stage {last.name!r} has not finished")
         return [last.dir / p for p in success["parts"]]
+
+
+def _remove_state(ctx: StageContext) -> None:
+    """Remove a global stage's state folder, if it made one (and `state/` if left empty)."""
+    if ctx.state_dir is not None and ctx.state_dir.exists():
+        shutil.rmtree(ctx.state_dir)
+        with contextlib.suppress(OSError):
+            ctx.state_dir.parent.rmdir()
 
 
 def _over_wall(engine: dict[str, float], wall: float) -> dict[str, float]:

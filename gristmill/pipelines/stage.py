@@ -476,7 +476,8 @@ class StageContext:
     engine_stats: EngineStats = field(default_factory=EngineStats)
     show_progress: bool = True
     #: A folder private to this stage part for resumable intermediate state (rounds of a
-    #: sampling loop); the pipeline removes it once the part's output is written.
+    #: sampling loop), or to a global stage's run for scratch files (made by the stage when
+    #: it needs them); the pipeline removes it once the output is written.
     state_dir: Path | None = None
     #: Stage-specific statistics (cluster sizes, thresholds used...) saved in _SUCCESS.json.
     extra_stats: dict[str, Any] = field(default_factory=dict)

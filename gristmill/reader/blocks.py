@@ -174,10 +174,12 @@ def _decode_known(lines: list[bytes], keys: Sequence[str]) -> dict[str, list[Any
 
 def _json_lines(
     raw: bytes, where: str, first_line: int, first_byte: int, keys: Sequence[str]
-) -> RowBlock:
+) -> tuple[RowBlock, int]:
     """Like `exact_json_lines`, parsed by msgspec when every line is one JSON object: against
-    `keys` (those of the block before, else of its first lines) when no line has another."""
+    `keys` (those of the block before, else of its first lines) when no line has another.
+    Also the number of line breaks in `raw` (where the next block's lines start)."""
     lines = raw.split(b"\n")
+    breaks = len(lines) - 1
     if lines[-1] == b"":
         lines.pop()
     if not keys:
@@ -187,9 +189,9 @@ def _json_lines(
     if data is None:
         data = _decode_objects(lines)
     if data is None:
-        return exact_json_lines(raw, where, first_line, first_byte)
+        return exact_json_lines(raw, where, first_line, first_byte), breaks
     numbers = range(first_line, first_line + len(lines))
-    return _json_block(where, data, len(lines), lines=numbers)
+    return _json_block(where, data, len(lines), lines=numbers), breaks
 
 
 def _line_pieces(stream: io.BufferedIOBase, size: int | None) -> Iterator[bytes]:
@@ -198,15 +200,10 @@ def _line_pieces(stream: io.BufferedIOBase, size: int | None) -> Iterator[bytes]
     if size is None:
         yield stream.read()
         return
-    rest = b""
-    while chunk := stream.read(size):
-        chunk = rest + chunk
-        cut = chunk.rfind(b"\n") + 1
-        rest = chunk[cut:]
-        if cut:
-            yield chunk[:cut]
-    if rest:
-        yield rest
+    while chunk := stream.read(size):  # finished to the line's end: one copy, not two
+        if not chunk.endswith(b"\n"):
+            chunk += stream.readline()
+        yield chunk
 
 
 def _json_line_blocks(pieces: Iterator[bytes], where: str) -> Iterator[RowBlock]:
@@ -214,9 +211,9 @@ def _json_line_blocks(pieces: Iterator[bytes], where: str) -> Iterator[RowBlock]
     line, offset = 1, 0
     keys: tuple[str, ...] = ()
     for piece in pieces:
-        block = _json_lines(piece, where, line, offset, keys)
+        block, breaks = _json_lines(piece, where, line, offset, keys)
         yield block
-        line += piece.count(b"\n")
+        line += breaks
         offset += len(piece)
         keys = keys or block.columns
 

@@ -17,6 +17,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from gristmill.filters import decontam
 from gristmill.filters.decontam import CONTAM_COLUMNS, Decontam, DecontamConfig
 from gristmill.filters.dedup import field_expr, text_tokens
 from gristmill.pipelines.stage import StageContext
@@ -113,6 +114,7 @@ def test_same_first_hits_as_a_dictionary_of_ngrams(
     ngram: int,
     min_words: int,
     fields: tuple[str, ...],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sets = (
         {"path": str(eval_files["gsm8k"]), "fields": ["question", "answer"], "name": "gsm8k"},
@@ -143,3 +145,5 @@ def test_same_first_hits_as_a_dictionary_of_ngrams(
     assert 100 < sum(h is not None for h in got) < frame.height
     reasons = out.get_column("drop_reason").to_list()
     assert reasons == ["contaminated" if h else None for h in want]
+    monkeypatch.setattr(decontam, "CHUNK_ROWS", 7)  # rows matched in pieces: the same hits
+    assert Decontam(cfg).process(frame, ctx).equals(out)

@@ -12,7 +12,9 @@ import polars as pl
 import pytest
 from datasketch import MinHash
 
+from gristmill.filters import dedup
 from gristmill.filters.dedup import (
+    MINHASH_COLUMNS,
     ExactDedup,
     ExactDedupConfig,
     MinHashDedup,
@@ -155,6 +157,48 @@ def test_shingles_match_a_reference_and_signatures_match_datasketch(
     # answer shingle, even for the same words
     short = records_frame([qa("Name three primes.", "Name three primes.")])
     assert len(np.unique(row_shingles(short, fields, ngram=5, unit="word").hashes)) == 2
+
+
+def test_signatures_do_not_depend_on_the_shingle_block(
+    planted: tuple[pl.DataFrame, dict[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of a few shingles (rows larger than a block, rows without shingles among
+    them) give the signatures one block of everything gives."""
+    frame, _ = planted
+    texts = pl.concat([frame, records_frame([qa("...", "!!!")]), frame.head(3)])
+    shingles = row_shingles(texts, ("prompt", "response"), ngram=5, unit="word")
+    whole = minhash_signatures(shingles, texts.height + 2, num_perm=32, seed=3)
+    monkeypatch.setattr(dedup, "SHINGLE_BLOCK", 7)
+    blocked = minhash_signatures(shingles, texts.height + 2, num_perm=32, seed=3)
+    np.testing.assert_array_equal(blocked[0], whole[0])
+    np.testing.assert_array_equal(blocked[1], whole[1])
+    assert whole[1][-6:].tolist() == [True, False, False, False, True, True]
+
+
+def test_condensed_parts_decide_as_the_whole_input_does(
+    planted: tuple[pl.DataFrame, dict[int, int]], tmp_path: Path
+) -> None:
+    """Both stages condensed part by part (MinHash with its signatures spilled to files)
+    give the whole input's drops, twins and Jaccard estimates."""
+    frame, _ = planted
+    data = frame.with_row_index(ROW_COLUMN)
+    decided = [ROW_COLUMN, "duplicate_of", "drop_reason"]
+    spilling = StageContext(
+        stage_name="dedup", stage_index=0, seed=0, run_dir=tmp_path, state_dir=tmp_path / "s"
+    )
+    for stage, columns in (
+        (ExactDedup(), decided),
+        (MinHashDedup(threshold=0.7), [*decided, "duplicate_jaccard"]),
+    ):
+        whole = stage.select(data, ctx(tmp_path))
+        parts = [stage.condense(data.slice(lo, 9), spilling) for lo in range(0, data.height, 9)]
+        assert "prompt" not in parts[0].columns
+        got = stage.select(pl.concat(parts), spilling)
+        assert set(got.columns) == {ROW_COLUMN, "id", *columns[1:]}  # no condensed column
+        assert got.select(columns).equals(whole.select(columns)), stage.name
+        assert whole.get_column("drop_reason").is_not_null().any()
+    assert MINHASH_COLUMNS[0] not in parts[0].columns  # the signatures went to files
+    assert len(list((tmp_path / "s").glob("minhash-*.npy"))) == len(parts)
 
 
 def test_minhash_catches_planted_near_duplicates_and_nothing_else(

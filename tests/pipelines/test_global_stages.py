@@ -178,6 +178,7 @@ def test_builtin_global_stages_match_the_whole_input_oracle(tmp_path: Path) -> N
         "topk",
         "random",
     ]
+    assert not any((p.dir / "state").exists() for p in pipe.stages)  # scratch files removed
     first = {p.name: read_json(RunLayout.success(p.dir)) for p in pipe.stages}
     # every kind of drop happened, on input whose parts have different schemas
     assert first["exact_dedup"]["dropped"] == {"exact_duplicate": 20}
