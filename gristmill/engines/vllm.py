@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -119,6 +119,24 @@ def llm_options(options: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
     merged.update(CPU_DEFAULTS if on_cpu else {})
     merged.update(options)
     return merged
+
+
+def _logprob_row(i: int, out: Any) -> list[float | None]:
+    """Text i's prompt log-probs from vLLM's output: None for the first token, then one each."""
+    token_ids = list(out.prompt_token_ids or ())
+    entries = out.prompt_logprobs or []
+    if len(entries) != len(token_ids):
+        raise RuntimeError(
+            f"text {i}: vLLM returned {len(entries)} prompt logprobs for {len(token_ids)} tokens"
+        )
+    row: list[float | None] = [None]
+    for position, (token, entry) in enumerate(zip(token_ids, entries, strict=True)):
+        if position == 0:
+            continue
+        if entry is None or token not in entry:
+            raise RuntimeError(f"text {i}: no logprob for token {position} ({token})")
+        row.append(float(entry[token].logprob))
+    return row
 
 
 class VLLMEngine:
@@ -259,25 +277,52 @@ class VLLMEngine:
         results: list[list[float | None]] = [[] for _ in texts]
         if not todo:
             return results
-        params = self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self._run([texts[i] for i in todo], params, reserve=1, index=todo)
+        outputs = self._run([texts[i] for i in todo], self._logprob_params(), reserve=1, index=todo)
         for i, out in zip(todo, outputs, strict=True):
-            token_ids = list(out.prompt_token_ids or ())
-            entries = out.prompt_logprobs or []
-            if len(entries) != len(token_ids):
-                raise RuntimeError(
-                    f"text {i}: vLLM returned {len(entries)} prompt logprobs "
-                    f"for {len(token_ids)} tokens"
-                )
-            row: list[float | None] = [None]
-            for position, (token, entry) in enumerate(zip(token_ids, entries, strict=True)):
-                if position == 0:
-                    continue
-                if entry is None or token not in entry:
-                    raise RuntimeError(f"text {i}: no logprob for token {position} ({token})")
-                row.append(float(entry[token].logprob))
-            results[i] = row
+            results[i] = _logprob_row(i, out)
         return results
+
+    def submit_prompt_logprobs(self, texts: Sequence[str]) -> list[Future[list[float | None]]]:
+        """`prompt_logprobs` as requests in the running batch (continuous): one future per
+        text, done as soon as its own prefill is, while other requests keep generating."""
+        check_prompts(texts, allow_empty=True)
+        if self._llm is None:
+            raise RuntimeError(f"the vLLM engine for {self.model_id!r} was closed")
+        todo = [i for i, text in enumerate(texts) if text]
+        inputs = prompt_inputs([texts[i] for i in todo], self._tokenizer)
+        raw = self._get_feeder().submit_many([(x, self._logprob_params()) for x in inputs])
+        futures: list[Future[list[float | None]]] = []
+        for text in texts:
+            done: Future[list[float | None]] = Future()
+            if not text:
+                done.set_result([])
+            futures.append(done)
+        for i, f in zip(todo, raw, strict=True):
+            f.add_done_callback(self._logprobs_done(i, texts[i], futures[i]))
+        return futures
+
+    def _logprobs_done(
+        self, i: int, text: str, done: Future[list[float | None]]
+    ) -> Callable[[Future[Any]], None]:
+        """A callback that gives `done` text i's row from vLLM's finished output."""
+
+        def finish(f: Future[Any]) -> None:
+            error = f.exception()
+            if error is None:
+                try:
+                    done.set_result(_logprob_row(i, f.result()))
+                except RuntimeError as exc:
+                    done.set_exception(exc)
+            elif isinstance(error, self._validation_error):
+                done.set_exception(self._rejected(error, [text], reserve=1, index=[i]))
+            else:
+                done.set_exception(error)
+
+        return finish
+
+    def _logprob_params(self) -> Any:
+        """One output token, greedy, and the log-probability of every prompt token."""
+        return self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=0)
 
     def chat_prompt(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
         """Render a conversation through the model's own chat template, as raw text."""

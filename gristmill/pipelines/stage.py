@@ -367,6 +367,10 @@ class MeteredEngine:
         self._submit_many: (
             Callable[[Sequence[str], Sequence[Sampling]], list[Future[list[Completion]]]] | None
         ) = getattr(engine, "submit_many", None) if self._submit is not None else None
+        #: Prompt log-probs as requests of the running batch, where the engine offers it.
+        self._submit_logprobs: (
+            Callable[[Sequence[str]], list[Future[list[float | None]]]] | None
+        ) = getattr(engine, "submit_prompt_logprobs", None) if self._submit is not None else None
 
     @property
     def model_id(self) -> str:
@@ -442,8 +446,11 @@ class MeteredEngine:
         self.stats.begin()
         out: list[list[float | None]] = []
         try:
-            with self._lock:
-                out = self._engine.prompt_logprobs(texts)
+            if self._submit_logprobs is not None:  # prefills join the running batch
+                out = [f.result() for f in self._submit_logprobs(texts)]
+            else:
+                with self._lock:
+                    out = self._engine.prompt_logprobs(texts)
         finally:
             self.stats.end(
                 prompts=len(texts), prompt_tokens=sum(len(x) for x in out), output_tokens=0

@@ -84,3 +84,28 @@ def test_greedy_n_samples_come_back_n_times(engine: VLLMEngine) -> None:
     prompt = _prompts(engine, 1, "greedy")[0]
     out = engine.submit(prompt, Sampling(n=3, temperature=0, max_tokens=8)).result()
     assert len(out) == 3 and len({c.text for c in out}) == 1
+
+
+def test_prompt_logprobs_join_the_running_batch(engine: VLLMEngine) -> None:
+    """Scoring prefills (CLEAR, GRAPE, the judge) go into the running batch: they come back
+    while a long generation is still running, with the log-probs a one-call batch gives
+    (within bf16 drift), and a stage's wrapper uses this path in continuous mode."""
+    texts = ["The capital of France is Paris.", "", "Two plus two is four."]
+    expected = engine.prompt_logprobs(texts)
+    # greedy counting runs to max_tokens
+    long = engine.submit("1, 2, 3, 4, 5, 6,", Sampling(temperature=0, max_tokens=400))
+    rows = engine.submit_prompt_logprobs(texts)
+    got = [f.result(timeout=120) for f in rows]
+    assert not long.done(), "the scoring waited for the generation to finish"
+    assert got[1] == [] and [len(r) for r in got] == [len(r) for r in expected]
+    for row, want in zip(got, expected, strict=True):
+        assert row[:1] in ([], [None])
+        assert row[1:] == pytest.approx(want[1:], abs=0.1)
+    assert long.result(timeout=300)[0].output_tokens == 400
+    wrapper = MeteredEngine(engine, EngineStats(), threading.Lock(), continuous=True)
+    before = engine.feeder_stats()
+    assert before is not None
+    [row] = wrapper.prompt_logprobs(texts[:1])
+    assert row[1:] == pytest.approx(expected[0][1:], abs=0.1)
+    after = engine.feeder_stats()
+    assert after is not None and after.submitted == before.submitted + 1
