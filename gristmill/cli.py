@@ -162,6 +162,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from gristmill.catalog import render
     from gristmill.evaluation import Budget, TrainConfig, evaluate, read_evals, summary
 
+    if not args.verbose:  # a line per run and step instead of loading and mapping bars
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     budget = Budget(tokens=args.budget_tokens, steps=args.budget_steps)
     defaults = TrainConfig()

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from test_report import chromium as chromium_fixture  # noqa: F401 - the fixture `chromium`
+import test_report
 from test_report import chromium_layout, drawn_problems, figures
 
 import gristmill as gm
@@ -30,6 +30,8 @@ from gristmill.records import TrainerFormat, make_record, records_frame, write_f
 from gristmill.report import write_report
 from gristmill.verify.math import verify_math
 
+#: The report tests' fixture: Debian's chromium, installed when missing and possible.
+chromium = test_report.chromium
 TESTS = Path(__file__).resolve().parents[1]
 ALPACA = TESTS / "selectors" / "data" / "alpaca_farm_eval_gpt35_100.jsonl"
 GSM8K = TESTS / "data" / "gsm8k_train_20.jsonl"
