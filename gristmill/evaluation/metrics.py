@@ -41,7 +41,7 @@ def answer_nll(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     model.to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs: list[tuple[list[int], int]] = []

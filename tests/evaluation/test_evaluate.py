@@ -270,3 +270,10 @@ def test_greedy_accuracy_with_the_engine_and_the_math_verifier(tmp_path: Path) -
     assert again == [a["correct"] for a in answers]
     accuracy = table.filter(pl.col("metric") == "accuracy")["value"][0]
     assert accuracy == pytest.approx(sum(again) / 6)
+
+
+def test_the_catalog_has_an_empty_evals_table_before_any_evaluation(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    columns, rows = query_runs(tmp_path / "runs", "select * from evals")
+    assert rows == []
+    assert columns[:1] == ["evaluation"] and {"dataset", "seed", "metric", "value"} <= set(columns)
