@@ -26,6 +26,7 @@ from gristmill.evaluation.data import exclude_held_out, load_eval_set, load_trai
 from gristmill.evaluation.results import read_evals
 from gristmill.evaluation.run import plan_runs
 from gristmill.evaluation.train import TRAINING_ROWS, TrainConfig, encode_rows
+from gristmill.pipelines.pipeline import Pipeline
 from gristmill.records import TrainerFormat, make_record, records_frame, write_format
 from gristmill.report import write_report
 from gristmill.verify.math import verify_math
@@ -277,3 +278,25 @@ def test_the_catalog_has_an_empty_evals_table_before_any_evaluation(tmp_path: Pa
     columns, rows = query_runs(tmp_path / "runs", "select * from evals")
     assert rows == []
     assert columns[:1] == ["evaluation"] and {"dataset", "seed", "metric", "value"} <= set(columns)
+
+
+def test_a_run_folder_is_read_as_its_dataset_with_its_selection_method(
+    tmp_path: Path, setup: dict[str, Any]
+) -> None:
+    recipe = gm.Recipe(
+        name="random-30",
+        input=gm.Input(path=str(ALPACA), mapping=EVAL_MAP),
+        stages=[gm.stages.Heuristics(max_response_words=200), gm.stages.RandomSelect(budget=30)],
+    )
+    run = tmp_path / "random-30"
+    Pipeline(recipe, run, show_progress=False).run(lambda _: None)
+    data = load_training_data(run)
+    assert (data.name, data.method, data.rows.height) == ("random-30", "random", 30)
+    assert data.rows.columns == ["id", "prompt", "completion", "prompt_text"]
+    dataset = pl.read_parquet(run / "dataset" / "data")
+    assert sorted(data.rows["id"].to_list()) == sorted(dataset["id"].to_list())
+    # the run's rows held out by the eval set (rows 80-87 of the same file) are found
+    kept, removed = exclude_held_out(data, load_eval_set(setup["eval"], mapping=EVAL_MAP))
+    eval_ids = set(load_eval_set(setup["eval"], mapping=EVAL_MAP).rows["id"].to_list())
+    assert set(removed["id"].to_list()) == set(dataset["id"].to_list()) & eval_ids
+    assert kept.rows.height + removed.height == 30
