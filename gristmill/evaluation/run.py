@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from gristmill.evaluation.budget import (
     Budget,
     check_comparable,
@@ -44,6 +46,7 @@ from gristmill.evaluation.train import (
     Encoded,
     Progress,
     TrainConfig,
+    TrainResult,
     drawn_examples,
     encode_rows,
     train_model,
@@ -74,6 +77,31 @@ def _folder_name(name: str, used: set[str]) -> str:
         folder = f"{base}_{n}"
     used.add(folder)
     return folder
+
+
+def load_datasets(
+    paths: Sequence[str | Path], names: Sequence[str] | None = None
+) -> list[TrainingData]:
+    """Every dataset, named by `names` or by its folder; two with one name are refused."""
+    labels: list[str | None] = list(names) if names is not None else [None] * len(paths)
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} names for {len(paths)} datasets")
+    loaded = [load_training_data(p, name=n) for p, n in zip(paths, labels, strict=True)]
+    if len({d.name for d in loaded}) != len(loaded):
+        raise ValueError(f"two datasets share a name: {[d.name for d in loaded]}; pass names=")
+    return loaded
+
+
+def held_out_removed(
+    loaded: Sequence[TrainingData], evals: EvalSet
+) -> tuple[list[TrainingData], dict[str, pl.DataFrame]]:
+    """Each dataset without the eval set's rows, and the rows removed from each, by name."""
+    kept, removed = [], {}
+    for data in loaded:
+        clean, gone = exclude_held_out(data, evals)
+        kept.append(clean)
+        removed[data.name] = gone
+    return kept, removed
 
 
 def plan_runs(
@@ -116,6 +144,51 @@ def plan_runs(
     return plans
 
 
+def measure(
+    checkpoint: Path,
+    evals: EvalSet,
+    work: Path,
+    *,
+    max_length: int,
+    accuracy: bool,
+    max_new_tokens: int,
+    max_model_len: int,
+) -> dict[str, float]:
+    """The metrics of one checkpoint: `nll`, and `accuracy` when asked (its answers and
+    verdicts go to `work/answers.jsonl`)."""
+    metrics = {"nll": answer_nll(checkpoint, evals, max_length=max_length).value}
+    if accuracy:
+        acc = greedy_accuracy(
+            checkpoint, evals, max_new_tokens=max_new_tokens, max_model_len=max_model_len
+        )
+        metrics["accuracy"] = acc.value
+        with (work / ANSWERS_FILE).open("w") as f:
+            f.writelines(json.dumps(a) + "\n" for a in acc.answers)
+    return metrics
+
+
+def _run_columns(
+    plan: Planned, trained: TrainResult, budget: Budget, evals: EvalSet
+) -> dict[str, Any]:
+    """The `evals` columns one training run shares across its metrics."""
+    return {
+        "dataset": plan.data.name,
+        "method": plan.data.method,
+        "budget_tokens": budget.tokens,
+        "budget_steps": budget.steps,
+        "seed": plan.seed,
+        "eval_set": evals.path,
+        "eval_rows": evals.rows.height,
+        "dataset_path": plan.data.path,
+        "train_rows": trained.rows,
+        "train_tokens": trained.tokens,
+        "train_steps": trained.steps,
+        "final_loss": trained.losses[-1] if trained.losses else None,
+        "checkpoint": str(trained.checkpoint),
+        "finished_at": datetime.now(UTC).replace(tzinfo=None),
+    }
+
+
 def evaluate(
     datasets: Sequence[str | Path],
     *,
@@ -149,12 +222,7 @@ def evaluate(
         raise ValueError(f"accuracy needs a verifier: {evals.path} was given none")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
-    labels = list(names) if names is not None else [None] * len(datasets)
-    if len(labels) != len(datasets):
-        raise ValueError(f"{len(labels)} names for {len(datasets)} datasets")
-    loaded = [load_training_data(p, name=n) for p, n in zip(datasets, labels, strict=True)]
-    if len({d.name for d in loaded}) != len(loaded):
-        raise ValueError(f"two datasets share a name: {[d.name for d in loaded]}; pass names=")
+    loaded = load_datasets(datasets, names)
     model_path = resolve_model(base_model)
     hyper = json.dumps(cfg.to_dict(), sort_keys=True)
     setup = {
@@ -170,12 +238,8 @@ def evaluate(
 
     from transformers import AutoTokenizer
 
+    kept, removed = held_out_removed(loaded, evals)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    kept, removed = [], {}
-    for data in loaded:
-        clean, gone = exclude_held_out(data, evals)
-        kept.append(clean)
-        removed[data.name] = gone
     encoded = {d.name: encode_rows(tokenizer, d.rows, cfg.max_length) for d in kept}
     plans = plan_runs(kept, encoded, budget, seeds, cfg)
 
@@ -213,38 +277,23 @@ def evaluate(
             max_steps=budget.steps,
             progress=say,
         )
-        metrics = {"nll": answer_nll(trained.checkpoint, evals, max_length=cfg.max_length).value}
-        if accuracy:
-            acc = greedy_accuracy(
-                trained.checkpoint,
-                evals,
-                max_new_tokens=max_new_tokens,
-                max_model_len=max_model_len,
-            )
-            metrics["accuracy"] = acc.value
-            with (work / ANSWERS_FILE).open("w") as f:
-                f.writelines(json.dumps(a) + "\n" for a in acc.answers)
+        metrics = measure(
+            trained.checkpoint,
+            evals,
+            work,
+            max_length=cfg.max_length,
+            accuracy=accuracy,
+            max_new_tokens=max_new_tokens,
+            max_model_len=max_model_len,
+        )
         wall = time.perf_counter() - start
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         say(f"    done in {wall:.1f}s (training {trained.seconds:.1f}s): {shown}")
         common = {
             **setup,
-            "dataset": name,
-            "method": plan.data.method,
-            "budget_tokens": budget.tokens,
-            "budget_steps": budget.steps,
-            "seed": plan.seed,
-            "eval_set": evals.path,
-            "eval_rows": evals.rows.height,
-            "dataset_path": plan.data.path,
-            "train_rows": trained.rows,
-            "train_tokens": trained.tokens,
-            "train_steps": trained.steps,
+            **_run_columns(plan, trained, budget, evals),
             "held_out_removed": removed[name].height,
-            "final_loss": trained.losses[-1] if trained.losses else None,
             "wall_seconds": round(wall, 3),
-            "checkpoint": str(trained.checkpoint),
-            "finished_at": datetime.now(UTC).replace(tzinfo=None),
         }
         rows = [{**common, "metric": m, "value": v} for m, v in metrics.items()]
         write_evals(root, evals_frame(rows))

@@ -169,7 +169,14 @@ def train_model(
     `max_steps` steps. Writes `out/checkpoint/` and `out/training_rows.jsonl`."""
     import datasets
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as exc:
+        raise RuntimeError(
+            "gristmill evaluate trains with TRL, which is not installed: "
+            "pip install 'gristmill[eval]' (or pip install 'trl>=1.16,<2')"
+        ) from exc
 
     say = progress or (lambda _line: None)
     use_cpu, bf16 = _precision(config)

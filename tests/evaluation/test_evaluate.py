@@ -112,6 +112,8 @@ def test_evals_table_has_one_row_per_dataset_seed_and_metric(
         for s in SEEDS:
             got = [json.loads(x) for x in (out / d / f"seed-{s}" / TRAINING_ROWS).open()]
             assert sum(r["loss_tokens"] for r in got) == BUDGET.tokens
+            # the prompt (system and user turns) carries no loss: every row has more tokens
+            assert all(0 < r["loss_tokens"] < r["tokens"] - 20 for r in got)
             drawn[d, s] = [r["id"] for r in got]
             assert (out / d / f"seed-{s}" / "checkpoint" / "config.json").is_file()
     assert drawn["alpha", 0] != drawn["alpha", 1]
