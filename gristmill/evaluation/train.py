@@ -241,7 +241,7 @@ def train_model(
     trainer.save_model(str(checkpoint))
     tokenizer.save_pretrained(str(checkpoint))
     losses = tuple(float(h["loss"]) for h in trainer.state.log_history if "loss" in h)
-    return TrainResult(
+    result = TrainResult(
         checkpoint=checkpoint,
         rows=len(received),
         tokens=tokens,
@@ -249,3 +249,18 @@ def train_model(
         losses=losses,
         seconds=seconds,
     )
+    _free(trainer)
+    return result
+
+
+def _free(trainer: Any) -> None:
+    """Drop the trained model and optimizer state before the next run loads its own (on CPU
+    one run of the bundled model peaks at 4.5 GB RSS; four runs in one process at 5.5 GB)."""
+    import gc
+
+    import torch
+
+    trainer.model = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
