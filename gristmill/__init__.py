@@ -31,6 +31,9 @@ _EXPORTS = {
     "StageContext": "gristmill.pipelines.stage",
     "ExtraStats": "gristmill.pipelines.stats",
     "TransientError": "gristmill.engines.base",
+    "evaluate": "gristmill.evaluation.run",
+    "Budget": "gristmill.evaluation.budget",
+    "TrainConfig": "gristmill.evaluation.train",
 }
 #: `gm.Engine` is the engine spec (which backend and model), not a running engine.
 _ALIASES = {"Engine": ("gristmill.engines.factory", "EngineSpec")}
@@ -39,12 +42,16 @@ if TYPE_CHECKING:
     from gristmill import stages
     from gristmill.engines.base import TransientError
     from gristmill.engines.factory import EngineSpec as Engine
+    from gristmill.evaluation.budget import Budget
+    from gristmill.evaluation.run import evaluate
+    from gristmill.evaluation.train import TrainConfig
     from gristmill.pipelines.config import RecipeError
     from gristmill.pipelines.recipe import Input, Output, Recipe
     from gristmill.pipelines.stage import Filter, Map, Select, StageContext
     from gristmill.pipelines.stats import ExtraStats
 
 __all__ = [
+    "Budget",
     "Engine",
     "ExtraStats",
     "Filter",
@@ -55,8 +62,10 @@ __all__ = [
     "RecipeError",
     "Select",
     "StageContext",
+    "TrainConfig",
     "TransientError",
     "__version__",
+    "evaluate",
     "stages",
 ]
 

@@ -272,7 +272,9 @@ def find_runs(root: str | Path) -> dict[str, RunFolder]:
 
 
 #: Names the cross-run catalog defines itself; a run with such a name gets a `run_` prefix.
-CATALOG_NAMES = frozenset({"runs", "stage_stats", "datasets", "records", "origins", "lineage"})
+CATALOG_NAMES = frozenset(
+    {"runs", "stage_stats", "datasets", "records", "origins", "lineage", "evals"}
+)
 
 
 def run_view_names(names: Sequence[str]) -> list[str]:
@@ -338,9 +340,11 @@ def open_runs(root: str | Path | None = None) -> duckdb.DuckDBPyConnection:
     `<run>__<stage>_rejected` per stage output, `datasets` (all datasets by column name,
     with a `run` column), `records` (every row version of every stage, narrow columns),
     `origins` (where each id first appeared) and `lineage` (each id's chain of parents).
-    Tables: `runs` and `stage_stats`.
+    Tables: `runs`, `stage_stats` and `evals` (every `evals.parquet` of `gristmill evaluate`
+    under `root`, with an `evaluation` column naming its folder).
     """
-    runs = find_runs(default_root() if root is None else root)
+    base = default_root() if root is None else root
+    runs = find_runs(base)
     con = duckdb.connect(":memory:")
     names = run_view_names(list(runs))
     run_rows: list[dict[str, Any]] = []
@@ -369,7 +373,26 @@ def open_runs(root: str | Path | None = None) -> duckdb.DuckDBPyConnection:
     con.execute(f"create view records as {_records_sql(record_selects)}")
     con.execute(ORIGINS_SQL)
     con.execute(LINEAGE_SQL)
+    _create_evals(con, Path(base))
     return con
+
+
+def _create_evals(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """The `evals` table: every evaluation's results under `root`, in one table."""
+    from gristmill.evaluation.results import EVALS_FILE, evals_frame
+
+    files = sorted(p for p in root.rglob(EVALS_FILE) if not p.name.startswith("."))
+    selects = [
+        f"select {_quote(f.parent.relative_to(root).as_posix() or '.')} as evaluation, * "
+        f"from read_parquet({_quote(str(f))})"
+        for f in files
+    ]
+    if selects:
+        con.execute(f"create table evals as {' union all by name '.join(selects)}")
+        return
+    con.register("_gm_no_evals", evals_frame([]).to_arrow())
+    con.execute("create table evals as select null::varchar as evaluation, * from _gm_no_evals")
+    con.unregister("_gm_no_evals")
 
 
 def query_runs(root: str | Path | None, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -1,4 +1,5 @@
-"""`gristmill run | check | stages | serve | query | report | models`: the command line."""
+"""`gristmill run | check | stages | serve | query | report | evaluate | models`: the command
+line."""
 
 from __future__ import annotations
 
@@ -145,6 +146,58 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mapping(pairs: Sequence[str]) -> dict[str, str]:
+    """`field=column` pairs as a mapping."""
+    out = {}
+    for pair in pairs:
+        field, sep, column = pair.partition("=")
+        if not sep or not field or not column:
+            raise ValueError(f"--eval-map takes FIELD=COLUMN (e.g. prompt=question), got {pair!r}")
+        out[field] = column
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Fine-tune the base model on each dataset per seed at one budget; print the results."""
+    from gristmill.catalog import render
+    from gristmill.evaluation import Budget, TrainConfig, evaluate, read_evals, summary
+
+    if not args.verbose:  # a line per run and step instead of loading and mapping bars
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    budget = Budget(tokens=args.budget_tokens, steps=args.budget_steps)
+    defaults = TrainConfig()
+    config = TrainConfig(
+        learning_rate=args.learning_rate or defaults.learning_rate,
+        batch_size=args.batch_size or defaults.batch_size,
+        max_length=args.max_length or defaults.max_length,
+    )
+    start = time.perf_counter()
+    evaluate(
+        args.datasets,
+        eval_set=args.eval_set,
+        eval_mapping=_mapping(args.eval_map),
+        verifier=args.verifier,
+        budget=budget,
+        out=args.out,
+        base_model=args.base_model,
+        seeds=seeds,
+        config=config,
+        accuracy=args.accuracy,
+        max_new_tokens=args.max_new_tokens,
+        progress=lambda line: print(line, flush=True),
+    )
+    table = summary(read_evals(args.out))
+    print(render(table.columns, table.rows(), "table"))
+    print(f"results: {Path(args.out) / 'evals.parquet'} (table `evals` of gristmill query --root)")
+    print(f"wall time: {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """Prepare a bundled model, or list the bundled and the prepared ones."""
     from gristmill.engines.models import (
@@ -252,6 +305,32 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dir", help="run folder")
     rep.add_argument("--out", help="output file (default: DIR/report.html)")
     rep.set_defaults(func=cmd_report)
+
+    ev = sub.add_parser(
+        "evaluate", help="fine-tune a base model on each dataset at one budget and measure it"
+    )
+    ev.add_argument("datasets", nargs="+", metavar="RUN_OR_DATASET", help="run or dataset folders")
+    ev.add_argument("--eval-set", required=True, help="held-out JSONL/Parquet with references")
+    ev.add_argument(
+        "--eval-map",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="map an eval-set column to a record field, e.g. prompt=question response=answer",
+    )
+    ev.add_argument("--verifier", choices=["math", "code"], help="checks greedy answers")
+    ev.add_argument("--accuracy", action="store_true", help="also greedy accuracy (starts vLLM)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="greedy answer length")
+    ev.add_argument("--base-model", default="smollm2-135m-instruct", help="bundled name or folder")
+    size = ev.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget-tokens", type=int, help="loss tokens each run trains on")
+    size.add_argument("--budget-steps", type=int, help="optimizer steps of each run")
+    ev.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    ev.add_argument("--learning-rate", type=float, help="default 1e-4")
+    ev.add_argument("--batch-size", type=int, help="rows per step (default 4)")
+    ev.add_argument("--max-length", type=int, help="tokens per row (default 512)")
+    ev.add_argument("--out", required=True, help="evaluation folder (results merge into it)")
+    ev.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("models", help="prepare or list models")
     m.add_argument("action", choices=["prepare", "list"])

@@ -30,7 +30,15 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from gristmill.catalog import RunFolder, StageFolder, read_run_folder, run_times, stage_models
+from gristmill.catalog import (
+    RunFolder,
+    StageFolder,
+    is_run_folder,
+    read_run_folder,
+    run_times,
+    stage_models,
+)
+from gristmill.evaluation.results import EVALS_FILE, read_evals, summary
 from gristmill.pipelines.checkpoint import atomic_write_text, parquet_rows
 from gristmill.records import DROP_REASON, SCORE_PREFIX
 
@@ -106,7 +114,12 @@ class Folder:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report of a run folder to `out` (default DIR/report.html); returns the path."""
+    """Write the report of a run folder (or of an evaluation folder, one holding
+    `evals.parquet`) to `out` (default DIR/report.html); returns the path."""
+    folder = Path(run_dir)
+    if (folder / EVALS_FILE).is_file() and not is_run_folder(folder):
+        target = Path(out) if out is not None else folder / REPORT_NAME
+        return atomic_write_text(render_eval_report(folder), target)
     run = read_run_folder(run_dir)
     target = Path(out) if out is not None else run.path / REPORT_NAME
     return atomic_write_text(render_report(run), target)
@@ -990,14 +1003,7 @@ def _page(run: RunFolder, sections: Sequence[Section]) -> str:
     for section in sections:
         body.append(f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>')
         body.extend(f'<p class="note">{html.escape(n)}</p>' for n in section.notes)
-        for plot in section.plots:
-            data = base64.b64encode(plot.png).decode("ascii")
-            body.append(
-                f'<figure id="{plot.id}"><img alt="{html.escape(plot.caption)}" '
-                f'width="{plot.width}" height="{plot.height}" '
-                f'src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(plot.caption)}</figcaption></figure>"
-            )
+        body.extend(_figure_html(plot) for plot in section.plots)
         body.append(section.table)
         body.append(section.html)
         body.append("</section>")
@@ -1007,6 +1013,16 @@ def _page(run: RunFolder, sections: Sequence[Section]) -> str:
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
+    )
+
+
+def _figure_html(plot: Plot) -> str:
+    """A plot as a <figure> with its PNG inlined."""
+    data = base64.b64encode(plot.png).decode("ascii")
+    return (
+        f'<figure id="{plot.id}"><img alt="{html.escape(plot.caption)}" '
+        f'width="{plot.width}" height="{plot.height}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(plot.caption)}</figcaption></figure>"
     )
 
 
@@ -1087,3 +1103,116 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, head: bool =
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
     )
     return f"<table>{top}{body}</table>"
+
+
+# ---- evaluations ----------------------------------------------------------------------------
+
+
+def evals_section(evals: pl.DataFrame) -> Section:
+    """Each metric per dataset: every seed's value as a dot, the mean with a ±1 std bar."""
+    if evals.height == 0:
+        return Section(id="evals", title="Evaluation", notes=("No results yet.",))
+    table = summary(evals)  # refuses results that cannot be compared
+    metrics = list(dict.fromkeys(evals["metric"].to_list()))
+    names = list(dict.fromkeys(evals.sort("dataset")["dataset"].to_list()))
+    colours = _colours(len(names))
+    fig, axes = _figure(max(4.0, 1.2 + 1.1 * len(names)) * len(metrics), 3.6, ncols=len(metrics))
+    for ax, metric in zip(axes, metrics, strict=True):
+        for x, (name, colour) in enumerate(zip(names, colours, strict=True)):
+            values = evals.filter((pl.col("metric") == metric) & (pl.col("dataset") == name))
+            ys = values["value"].to_numpy()
+            if ys.size == 0:
+                continue
+            jitter = np.linspace(-0.12, 0.12, ys.size) if ys.size > 1 else np.zeros(1)
+            ax.scatter(x + jitter, ys, color=colour, s=22, alpha=0.7, zorder=3)
+            std = float(ys.std(ddof=1)) if ys.size > 1 else 0.0
+            ax.errorbar(
+                [x + 0.3],
+                [float(ys.mean())],
+                yerr=[std],
+                fmt="D",
+                color=colour,
+                capsize=4,
+                markersize=6,
+                zorder=4,
+            )
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(names) - 0.2)
+        lower = "lower is better" if metric == "nll" else "higher is better"
+        ax.set_title(f"{metric} ({lower})")
+    first = evals.row(0, named=True)
+    seeds = evals["seed"].n_unique()
+    caption = (
+        f"Held-out metrics per dataset: dots are the {seeds} seed(s), the diamond the mean and "
+        f"its bar ±1 std over seeds. Base model {first['base_model']}, budget "
+        f"{first['budget']}, eval set {first['eval_set']} ({first['eval_rows']} rows)."
+    )
+    rows = []
+    for r in table.iter_rows(named=True):
+        runs = evals.filter((pl.col("dataset") == r["dataset"]) & (pl.col("metric") == r["metric"]))
+        rows.append(
+            [
+                r["dataset"],
+                r["method"],
+                r["metric"],
+                f"{r['mean']:.4f} ± {r['std']:.4f}",
+                str(r["seeds"]),
+                f"{_avg(runs['train_tokens']):.0f}",
+                f"{_avg(runs['train_steps']):.0f}",
+                f"{_avg(runs['held_out_removed']):.0f}",
+                f"{_avg(runs['wall_seconds']):.1f}",
+            ]
+        )
+    header = [
+        "dataset",
+        "method",
+        "metric",
+        "mean ± std",
+        "seeds",
+        "train tokens",
+        "steps",
+        "held-out rows removed",
+        "s per run",
+    ]
+    return Section(
+        id="evals",
+        title="Evaluation",
+        plots=(_plot("plot-evals", fig, caption),),
+        table=_table(header, rows),
+    )
+
+
+def _avg(values: pl.Series) -> float:
+    """The mean of a numeric column's non-null values (0 when none)."""
+    numbers = [float(v) for v in values.drop_nulls().to_list()]
+    return sum(numbers) / len(numbers) if numbers else 0.0
+
+
+def render_eval_report(folder: Path) -> str:
+    """The report page of an evaluation folder: its setup, the chart and the table."""
+    evals = read_evals(folder)
+    section = evals_section(evals)
+    facts = {"evaluation": folder.name, "folder": str(folder.resolve())}
+    if evals.height:
+        first = evals.row(0, named=True)
+        facts |= {
+            "base model": str(first["base_model"]),
+            "eval set": f"{first['eval_set']} ({first['eval_rows']} rows)",
+            "budget": str(first["budget"]),
+            "seeds": ", ".join(str(s) for s in sorted(evals["seed"].unique().to_list())),
+            "hyper-parameters": str(first["hyperparameters"]),
+        }
+    facts["report written"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    title = f"gristmill evaluation: {folder.name}"
+    body = [f"<h1>{html.escape(title)}</h1>", _table(["", ""], list(facts.items()), head=False)]
+    body.append(f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>')
+    body.extend(f'<p class="note">{html.escape(n)}</p>' for n in section.notes)
+    body.extend(_figure_html(plot) for plot in section.plots)
+    body.append(section.table)
+    body.append("</section>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
