@@ -12,16 +12,9 @@ Measured once (-n 40, seed 0): level 1 50%, 2 22%, 3 8%, 4 2%, 5 0%.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where bench/select.py would
-# shadow the standard-library module `select` (which subprocess, asyncio and vLLM import).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import argparse
 import json
+import os
 import time
 from collections import defaultdict
 

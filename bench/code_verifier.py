@@ -23,19 +23,12 @@ that field, else the one it has). Prints numbers only; it never asserts.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where bench/select.py would
-# shadow the standard-library module `select` (which subprocess imports).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import argparse
 import dataclasses
 import gzip
 import importlib.util
 import json
+import os
 import statistics
 import time
 from pathlib import Path

@@ -16,12 +16,6 @@ are printed, never asserted. Run: `.venv/bin/python bench/magpie.py --help`.
 from __future__ import annotations
 
 import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where bench/select.py would
-# shadow the standard-library module `select` (which subprocess, asyncio and vLLM import).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -19,14 +19,6 @@ Run: `.venv/bin/python bench/reader.py --help`.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where `select.py` would
-# shadow the standard-library module `select` (which subprocess and asyncio import).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import argparse
 import json
 import tempfile

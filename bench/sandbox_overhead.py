@@ -11,15 +11,8 @@ timing. Prints numbers only; it never asserts a timing.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where bench/select.py would
-# shadow the standard-library module `select` (which subprocess and selectors import).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable

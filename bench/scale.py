@@ -34,19 +34,13 @@ written a million rows), not the run's. Figures are in bench/README.md.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where bench/select.py would
-# shadow the standard-library module `select` (which subprocess, asyncio and Prefect import).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time

@@ -10,18 +10,12 @@
   s2l     S2L proxy training throughput (tokens/s) of the bundled SmolLM2 cut to `--layers`
           layers against the full model, on real AlpacaFarm rows.
 
-Timings are printed, never asserted. Run: `.venv/bin/python bench/select.py --help`.
+Timings are printed, never asserted. Run: `.venv/bin/python bench/selector_parts.py --help`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where `select.py` would
-# shadow the standard-library module `select` (which subprocess and asyncio import).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
