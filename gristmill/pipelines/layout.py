@@ -46,6 +46,10 @@ class RunLayout:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        # a str (a run folder typed at a prompt) works as a Path does
+        object.__setattr__(self, "root", Path(self.root))
+
     def input_dir(self, fingerprint: str) -> Path:
         """The input split's folder."""
         return self.root / f"{INPUT_PREFIX}{fingerprint[:10]}"
