@@ -190,6 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         accuracy=args.accuracy,
         max_new_tokens=args.max_new_tokens,
         progress=lambda line: print(line, flush=True),
+        redo=args.redo,
     )
     table = summary(read_evals(args.out))
     print(render(table.columns, table.rows(), "table"))
@@ -330,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, help="rows per step (default 4)")
     ev.add_argument("--max-length", type=int, help="tokens per row (default 512)")
     ev.add_argument("--out", required=True, help="evaluation folder (results merge into it)")
+    ev.add_argument(
+        "--redo", action="store_true", help="train runs again that --out already has results for"
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("models", help="prepare or list models")

@@ -5,6 +5,10 @@ Everything that makes the comparison unfair is refused before any training: a da
 less than the budget, token budgets that give steps more than 10x apart, and an `out`
 folder holding results of another budget, base model, eval set or hyper-parameters.
 
+Results are merged into `evals.parquet` after each training run, so a rerun into the same
+folder (after a crash, or with more seeds) skips every run whose metrics are already there
+for the same dataset and drawn rows; `redo=True` trains them again.
+
     out/evaluation.json                 the setup: base model, eval set, budget, hyper-parameters
     out/evals.parquet                   one row per dataset x seed x metric
     out/<dataset>/held_out_removed.jsonl  training rows removed because the eval set has them
@@ -144,6 +148,26 @@ def plan_runs(
     return plans
 
 
+def finished_runs(
+    existing: pl.DataFrame, plans: Sequence[Planned], metrics: Sequence[str]
+) -> set[tuple[str, int]]:
+    """The (dataset, seed) runs of `plans` whose `metrics` are all in `existing`, recorded for
+    the same dataset path and the same number of drawn loss tokens: a rerun skips them."""
+    if not existing.height:
+        return set()
+    done = set()
+    for plan in plans:
+        rows = existing.filter(
+            (pl.col("dataset") == plan.data.name)
+            & (pl.col("seed") == plan.seed)
+            & (pl.col("dataset_path") == plan.data.path)
+            & (pl.col("train_tokens") == plan.tokens)
+        )
+        if set(metrics) <= set(rows["metric"].to_list()):
+            done.add((plan.data.name, plan.seed))
+    return done
+
+
 def measure(
     checkpoint: Path,
     evals: EvalSet,
@@ -205,10 +229,12 @@ def evaluate(
     max_model_len: int = 1024,
     names: Sequence[str] | None = None,
     progress: Progress | None = None,
+    redo: bool = False,
 ) -> Path:
     """Fine-tune `base_model` on each dataset once per seed at `budget`, measure held-out
     NLL (and greedy accuracy with `accuracy=True` where the eval set has a verifier), and
-    merge the results into `out/evals.parquet`; returns that path."""
+    merge the results into `out/evals.parquet`; returns that path. Runs already recorded
+    there are skipped unless `redo`."""
     from gristmill.engines.models import resolve_model
 
     say = progress or (lambda _line: None)
@@ -242,6 +268,8 @@ def evaluate(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = {d.name: encode_rows(tokenizer, d.rows, cfg.max_length) for d in kept}
     plans = plan_runs(kept, encoded, budget, seeds, cfg)
+    wanted = ["nll", "accuracy"] if accuracy else ["nll"]
+    skip = set() if redo else finished_runs(existing, plans, wanted)
 
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
@@ -262,6 +290,9 @@ def evaluate(
         gone.write_ndjson(folders[name] / HELD_OUT_FILE)
     for n, plan in enumerate(plans, start=1):
         name = plan.data.name
+        if (name, plan.seed) in skip:
+            say(f"[{n}/{len(plans)}] {name} seed {plan.seed}: already in {root}, skipped")
+            continue
         say(
             f"[{n}/{len(plans)}] {name} seed {plan.seed}: {len(plan.examples)} rows, "
             f"{plan.tokens} loss tokens, {plan.steps} steps"

@@ -231,6 +231,14 @@ def test_cli_evaluate_prints_progress(
     assert "step 2/2 loss" in printed and "nll" in printed
     (row,) = read_evals(out).to_dicts()
     assert (row["budget"], row["train_steps"], row["train_rows"]) == ("2 steps", 2, 4)
+    # a rerun with another seed (or after a crash) trains only what the folder lacks
+    assert cli_main([*args, "--seeds", "0,1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"[1/2] beta seed 0: already in {out}, skipped" in printed
+    assert "[2/2] beta seed 1: 4 rows" in printed and printed.count("step 2/2 loss") == 1
+    again = read_evals(out).sort("seed").to_dicts()
+    assert [r["seed"] for r in again] == [0, 1]
+    assert again[0]["finished_at"] == row["finished_at"]  # seed 0's result was kept as it was
 
 
 @pytest.mark.engine
