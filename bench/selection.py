@@ -19,7 +19,9 @@ Then `gm.evaluate` fine-tunes the bundled SmolLM2-135M-Instruct on each selectio
 seed (`--seeds`) at the same loss-token budget (`--budget-tokens`) and measures held-out
 per-token NLL of the reference solutions (and, with `--accuracy`, greedy accuracy checked
 by the math verifier). It prints mean ± std over seeds per method, the difference from
-random, and whether that difference exceeds the seed spread (|Δ| > std_method + std_random).
+random, and whether that difference exceeds the seed spread (|Δ| > std_method + std_random),
+and the untrained base model's NLL on the same eval set, so the gap between methods can be
+read against what the training budget moved at all.
 Selection never sees the eval set; nothing here is tuned to it. Wall times are printed.
 
     .venv/bin/python bench/selection.py                               # all methods, 3 seeds
@@ -145,6 +147,16 @@ def verdicts(summary: pl.DataFrame) -> list[str]:
     return lines
 
 
+def base_nll(evals: Path, max_length: int) -> float:
+    """Held-out NLL of the untrained base model: the reference line for the table."""
+    from gristmill.engines.models import resolve_model
+    from gristmill.evaluation.data import load_eval_set
+    from gristmill.evaluation.metrics import answer_nll
+
+    eval_set = load_eval_set(evals, mapping=MAPPING, verifier="math")
+    return answer_nll(resolve_model("smollm2-135m-instruct"), eval_set, max_length=max_length).value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K train JSONL")
@@ -214,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         for line in verdicts(summary(results)):
             print(line)
+        print(f"nll        base (untrained) {base_nll(evals, args.max_length):.4f}")
         for s in picked:
             if s.run is None:
                 print(f"{s.method}: {s.note}")
