@@ -9,6 +9,9 @@ process polls the parent and, once it is gone, kills what it started:
   they are all gone, so closing the engine also ends its watcher.
 - `watch_tree()`: every descendant of this process, re-listed each poll so the set stays
   current (the run's watcher; `gristmill run` and `serve` start one).
+- `watch_children_matching(text)`: the children whose command line holds `text`; a flow run
+  from Python (whose process, and other children, are the caller's) watches Prefect's
+  temporary server this way.
 
 Processes are matched by pid and start time, so a reused pid is never hit, and only
 descendants are touched: a Prefect server the user runs themselves is not ours. At the
@@ -68,6 +71,29 @@ def watch_tree(*, poll_s: float = 0.5) -> subprocess.Popen[bytes]:
     if _tree_watcher is None or _tree_watcher.poll() is not None:
         _tree_watcher = _start("tree", [], poll_s)
     return _tree_watcher
+
+
+def watching_tree() -> bool:
+    """Whether this process's tree watcher (`watch_tree`) is running."""
+    return _tree_watcher is not None and _tree_watcher.poll() is None
+
+
+_watched_children: set[tuple[int, float]] = set()
+
+
+def watch_children_matching(text: str) -> subprocess.Popen[bytes] | None:
+    """Start a watcher (`watch_children`) for the children of this process whose command line
+    contains `text` and that no earlier call watched; None when there is none."""
+    found = set()
+    for proc in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            key = (proc.pid, proc.create_time())
+            if key not in _watched_children and any(text in a for a in _cmdline(proc)):
+                found.add(key)
+    if not found:
+        return None
+    _watched_children.update(found)
+    return watch_children(pid for pid, _ in found)
 
 
 def is_shared_helper(proc: psutil.Process) -> bool:

@@ -267,6 +267,7 @@ def recipe_flow(
         raise ValueError("recipe_flow needs `recipe_path` or `recipe`")
     run_dir = Path(out_dir) if out_dir else scheduled_run_dir(out_root, typed.name)
     get_run_logger().info("run folder: %s", run_dir)
+    watch_prefect_server()
     return run_pipeline(
         PipelineRef.of(typed, run_dir, show_progress=show_progress),
         RunnerSpec(
@@ -274,6 +275,25 @@ def recipe_flow(
         ),
         RetryPolicy(retries=retries, delay_s=retry_delay_s),
     )
+
+
+#: Command line of Prefect's temporary API server, a child of the process that runs a flow
+#: when no PREFECT_API_URL names a server.
+PREFECT_SERVER_APP = "prefect.server.api.server:create_app"
+
+
+def watch_prefect_server() -> None:
+    """Have Prefect's temporary server killed when this process dies, even by `kill -9`.
+
+    `gristmill run` already watches its whole process tree; a flow run from Python (a
+    notebook, `recipe.run`) is in the caller's process, whose other children are the
+    caller's, so only the server Prefect started for it is watched. The engines' helpers
+    have watchers of their own.
+    """
+    from gristmill import reaper
+
+    if not reaper.watching_tree():
+        reaper.watch_children_matching(PREFECT_SERVER_APP)
 
 
 def run_recipe(

@@ -1,5 +1,6 @@
 """`kill -9` of a `gristmill run` leaves no process behind: not Prefect's temporary server
-(uvicorn), not multiprocessing's helpers, not the run's watcher itself.
+(uvicorn), not multiprocessing's helpers, not the run's watcher itself. The same for a run
+started from Python (`recipe.run`), whose process is the caller's.
 
 The run goes through the real command line in its own session, with no PREFECT_API_URL so
 Prefect starts its temporary server; an engine-free recipe with a stage that naps per part
@@ -43,9 +44,12 @@ class Nap(gm.Map):
 '''
 
 
-def _start_run(recipe: Path, tmp_path: Path, log: BinaryIO) -> tuple[subprocess.Popen[bytes], Path]:
-    """`gristmill run` on the tiny recipe (24 rows, 3 parts) with a first stage that naps
-    2 s per part; the process and its run folder."""
+def _start_run(
+    recipe: Path, tmp_path: Path, log: BinaryIO, *, python: bool = False
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`gristmill run` (or, with `python`, `gm.Recipe.from_yaml(...).run(...)` in a plain
+    interpreter) on the tiny recipe (24 rows, 3 parts) with a first stage that naps 2 s per
+    part; the process and its run folder."""
     (tmp_path / "nap_stage.py").write_text(NAP_MODULE)
     mapping = yaml.safe_load(recipe.read_text())
     mapping["stages"].insert(0, {"nap_stage:Nap": {"seconds": 2.0}})
@@ -57,9 +61,13 @@ def _start_run(recipe: Path, tmp_path: Path, log: BinaryIO) -> tuple[subprocess.
         "PREFECT_PROFILES_PATH": str(tmp_path / "profiles.toml"),
     }
     out = tmp_path / "run"
-    gristmill = [sys.executable, "-m", "gristmill.cli"]
+    command = [sys.executable, "-m", "gristmill.cli", "run", str(recipe), "--out", str(out)]
+    command.append("--no-progress")
+    if python:
+        code = "import gristmill as gm; gm.Recipe.from_yaml({!r}).run({!r}, show_progress=False)"
+        command = [sys.executable, "-c", code.format(str(recipe), str(out))]
     proc = subprocess.Popen(
-        [*gristmill, "run", str(recipe), "--out", str(out), "--no-progress"],
+        command,
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -110,12 +118,13 @@ def _survivors(tree: list[psutil.Process], pgid: int, timeout: float) -> list[ps
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("python", [False, True], ids=["cli", "python"])
 def test_sigkilled_run_leaves_no_process_behind(
-    tiny_recipe: Callable[..., Path], tmp_path: Path
+    tiny_recipe: Callable[..., Path], tmp_path: Path, python: bool
 ) -> None:
     """On the threads runner (a Dask run would add a worker process but double the time)."""
     with (tmp_path / "run.log").open("wb") as log:
-        proc, out = _start_run(tiny_recipe(), tmp_path, log)
+        proc, out = _start_run(tiny_recipe(), tmp_path, log, python=python)
     tree: list[psutil.Process] = []
     try:
         _wait_mid_stage(proc, out, tmp_path / "run.log")
